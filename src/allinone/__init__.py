@@ -1,0 +1,18 @@
+"""allinone: many NLP tasks from one small instruction-tuned model on a CPU.
+
+>>> from allinone import AllInOne
+>>> ai = AllInOne.load()                       # the embedded Qwen2.5 0.5B model, llama.cpp
+>>> ai.sentiment("What a lovely day!").label
+'positive'
+"""
+
+from .api import AllInOne
+from .errors import AllInOneError, InvalidInputError, ModelSourceError
+from .results import AnalyzeResult, ChatChunk, ChatResult, ClassifyResult, SentimentResult, Usage
+from .settings import Settings
+
+__all__ = [
+    "AllInOne", "AllInOneError", "AnalyzeResult", "ChatChunk", "ChatResult", "ClassifyResult",
+    "InvalidInputError", "ModelSourceError", "SentimentResult", "Settings", "Usage",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,172 @@
+"""The Python API: ``AllInOne`` loads one model once and serves every task from it."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+from .backends import SamplingParams, load_backend
+from .engine import Engine
+from .errors import InvalidInputError
+from .models import resolve_model
+from .results import AnalyzeResult, ChatChunk, ChatResult, ClassifyResult, Usage
+from .settings import Settings
+from .tasks import SENTIMENT, ChatRequest, ClassifyTask, chat_stream, classify
+
+_SAMPLING_KEYS = {"temperature", "top_p", "top_k", "max_tokens", "seed", "stop", "repetition_penalty"}
+
+
+class AllInOne:
+    """One model, many tasks.
+
+    Build it with :meth:`load`; it is safe to share between threads (all model work runs on
+    the engine's single worker thread). Use it as a context manager or call :meth:`close`.
+    """
+
+    def __init__(self, engine: Engine, settings: Settings, *, load_seconds: float = 0.0) -> None:
+        self.engine = engine
+        self.settings = settings
+        self.load_seconds = load_seconds
+
+    @classmethod
+    def load(cls, model: str = "embedded", backend: str = "auto", **options: Any) -> "AllInOne":
+        """Resolve, verify and load a model.
+
+        Args:
+            model: "embedded" (default), "embedded-1.5b", a .gguf path, an HF folder or a Hub id.
+            backend: "auto", "llamacpp" or "transformers".
+            **options: any other :class:`Settings` field (e.g. ``n_ctx=2048``).
+
+        Raises:
+            ModelSourceError: the model cannot be found or fails its checksum.
+            BackendUnavailableError: the backend's library is missing or cannot load the model.
+            pydantic.ValidationError: an unknown or invalid option.
+        """
+        settings = Settings(model=model, backend=backend, **options)
+        return cls.from_settings(settings)
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> "AllInOne":
+        start = time.perf_counter()
+        source = resolve_model(settings.model, cache_dir=settings.cache_dir)
+        backend = load_backend(
+            source, settings.backend, n_ctx=settings.n_ctx, n_threads=settings.n_threads,
+            dtype=settings.dtype, cache_dir=settings.cache_dir,
+        )
+        engine = Engine(backend, max_queue=settings.max_queue, timeout=settings.request_timeout)
+        return cls(engine, settings, load_seconds=time.perf_counter() - start)
+
+    # -- info ---------------------------------------------------------------------------
+    @property
+    def model_id(self) -> str:
+        return self.engine.backend.model_id
+
+    @property
+    def backend_name(self) -> str:
+        return self.engine.backend.name
+
+    def tokenize(self, text: str) -> list[int]:
+        """Token ids of ``text`` as plain text (control-token strings are not parsed)."""
+        self._check_text(text)
+        return self.engine.call(lambda b: b.tokenize(text))
+
+    # -- tasks --------------------------------------------------------------------------
+    def classify(self, task: ClassifyTask, text: str) -> ClassifyResult:
+        """Label ``text`` with ``task`` by label scoring.
+
+        Raises:
+            InvalidInputError: empty / whitespace-only / over-long text (no model call is made).
+        """
+        self._check_text(text)
+        budget = self.settings.max_input_tokens
+        return self.engine.call(lambda b: classify(b, task, text, max_input_tokens=budget))
+
+    def sentiment(self, text: str) -> ClassifyResult:
+        """``positive`` or ``negative`` with probabilities; English or Chinese text.
+
+        Text over ``max_input_tokens`` tokens (default 1024) is cut to that budget, keeping its
+        start, and the result has ``truncated=True``.
+        """
+        return self.classify(SENTIMENT, text)
+
+    def chat(self, messages: str | Sequence[dict[str, Any]], *, stream: bool = False,
+             system: str | None = None, **sampling: Any) -> ChatResult | Iterator[ChatChunk]:
+        """Reply to a conversation.
+
+        Args:
+            messages: a string (one user message) or a list of ``{"role", "content"}``.
+            stream: return an iterator of :class:`ChatChunk` instead of a :class:`ChatResult`.
+            system: an optional system prompt, put first.
+            **sampling: ``temperature`` (0 = greedy), ``top_p``, ``top_k``, ``max_tokens``,
+                ``seed``, ``stop``, ``repetition_penalty``.
+
+        Raises:
+            InvalidInputError: bad messages or sampling values.
+        """
+        request = self._chat_request(messages, system, sampling)
+        chunks = self.engine.stream(lambda b: chat_stream(b, request))
+        return chunks if stream else collect(chunks)
+
+    def analyze(self, text: str, history: Sequence[dict[str, Any]] | None = None, **sampling: Any) -> AnalyzeResult:
+        """The original demo: the sentiment of ``text`` plus a chat reply to it.
+
+        ``history`` is the conversation so far (without ``text``); it is not modified.
+        """
+        self._check_text(text)
+        sentiment = self.sentiment(text)
+        reply = self.chat([*(history or []), {"role": "user", "content": text}], **sampling)
+        return AnalyzeResult(sentiment=sentiment, reply=reply)
+
+    def _chat_request(self, messages: Any, system: str | None, sampling: dict[str, Any]) -> ChatRequest:
+        unknown = set(sampling) - _SAMPLING_KEYS
+        if unknown:
+            raise InvalidInputError(f"unknown sampling option(s): {', '.join(sorted(unknown))}")
+        sampling = {k: v for k, v in sampling.items() if v is not None}
+        sampling.setdefault("max_tokens", self.settings.default_max_tokens)
+        if sampling["max_tokens"] > self.settings.max_tokens_limit if isinstance(sampling["max_tokens"], int) else False:
+            raise InvalidInputError(
+                f"max_tokens must be at most {self.settings.max_tokens_limit}", param="max_tokens"
+            )
+        if isinstance(sampling.get("stop"), list):
+            sampling["stop"] = tuple(sampling["stop"])
+        request = ChatRequest.build(messages, system=system, sampling=SamplingParams(**sampling))
+        for m in request.messages:
+            if len(m["content"]) > self.settings.max_input_chars:
+                raise InvalidInputError(
+                    f"a message is longer than {self.settings.max_input_chars} characters", param="messages"
+                )
+        return request
+
+    def _check_text(self, text: object) -> None:
+        if not isinstance(text, str):
+            raise InvalidInputError("text must be a string", param="text")
+        if not text.strip():
+            raise InvalidInputError("text is empty", param="text")
+        if len(text) > self.settings.max_input_chars:
+            raise InvalidInputError(
+                f"text is {len(text)} characters; the limit is {self.settings.max_input_chars}", param="text"
+            )
+
+    # -- lifetime -----------------------------------------------------------------------
+    def close(self) -> None:
+        self.engine.close()
+
+    def __enter__(self) -> "AllInOne":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def collect(chunks: Iterator[ChatChunk]) -> ChatResult:
+    """Join a chunk stream into one :class:`ChatResult`."""
+    parts: list[str] = []
+    last = None
+    for chunk in chunks:
+        parts.append(chunk.text)
+        last = chunk
+    if last is None or last.finish_reason is None:  # pragma: no cover - the stream always ends with one
+        raise RuntimeError("the reply stream ended without a finish reason")
+    return ChatResult(text="".join(parts), finish_reason=last.finish_reason,
+                      usage=last.usage or Usage(0, 0), truncated=last.truncated)

@@ -1,0 +1,74 @@
+"""Typed errors of allinone, in one place.
+
+Every surface maps these once: the CLI prints the message and exits non-zero, the HTTP server
+turns them into an OpenAI-style error object with the status given by ``status_code``.
+Errors that are the caller's fault have a 4xx ``status_code``; the rest are 5xx.
+"""
+
+from __future__ import annotations
+
+
+class AllInOneError(Exception):
+    """Base class. ``code`` is a short machine-readable name, ``status_code`` its HTTP status."""
+
+    status_code: int = 500
+    code: str = "internal_error"
+    error_type: str = "server_error"
+
+    def __init__(self, message: str, *, param: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+
+
+class InvalidInputError(AllInOneError):
+    """The caller's input cannot be processed (empty text, bad messages, bad sampling values)."""
+
+    status_code = 400
+    code = "invalid_input"
+    error_type = "invalid_request_error"
+
+
+class UnknownTaskError(AllInOneError):
+    status_code = 404
+    code = "unknown_task"
+    error_type = "invalid_request_error"
+
+
+class ModelSourceError(AllInOneError):
+    """A model could not be located or verified (missing chunk package, bad checksum, no Hub)."""
+
+    status_code = 500
+    code = "model_source_error"
+
+
+class ChecksumError(ModelSourceError):
+    code = "checksum_mismatch"
+
+
+class BackendUnavailableError(AllInOneError):
+    """The requested backend's library is not installed or cannot load this kind of model."""
+
+    status_code = 500
+    code = "backend_unavailable"
+
+
+class OverloadedError(AllInOneError):
+    """The request queue is full; retry after ``retry_after`` seconds."""
+
+    status_code = 503
+    code = "overloaded"
+
+    def __init__(self, message: str, *, retry_after: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class RequestTimeoutError(AllInOneError):
+    status_code = 504
+    code = "timeout"
+
+
+class CancelledError(AllInOneError):
+    status_code = 499
+    code = "cancelled"

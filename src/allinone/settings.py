@@ -1,0 +1,45 @@
+"""One settings object for every surface: Python keyword arguments, ``ALLINONE_*`` environment
+variables and CLI flags all land here. Unknown options fail fast."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+BackendName = Literal["auto", "llamacpp", "transformers"]
+
+
+class Settings(BaseSettings):
+    """All knobs of allinone, with their defaults.
+
+    Every field can be set as ``ALLINONE_<FIELD>`` in the environment, e.g.
+    ``ALLINONE_BACKEND=transformers``.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="ALLINONE_", extra="forbid", validate_assignment=True)
+
+    # model and backend
+    model: str = Field("embedded", description="'embedded', 'embedded-1.5b', a .gguf file, an HF folder or a Hub id")
+    backend: BackendName = Field("auto", description="auto: llamacpp for GGUF, transformers for HF folders")
+    n_ctx: int = Field(4096, ge=256, le=131072, description="context window in tokens")
+    n_threads: int | None = Field(None, ge=1, description="CPU threads (default: all cores)")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="transformers weights dtype")
+    cache_dir: Path | None = Field(None, description="where assembled/converted models are kept")
+
+    # limits
+    max_input_tokens: int = Field(1024, ge=16, description="classification input budget in tokens; longer text is cut")
+    max_input_chars: int = Field(100_000, ge=1, description="longest accepted text, in characters")
+    max_tokens_limit: int = Field(2048, ge=1, description="largest max_tokens a request may ask for")
+    default_max_tokens: int = Field(512, ge=1, description="max_tokens when a request gives none")
+    request_timeout: float | None = Field(300.0, gt=0, description="seconds per request, queue wait included")
+    max_queue: int = Field(64, ge=1, description="requests waiting at once; more get 'overloaded'")
+
+    # server
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    api_keys: list[str] = Field(default_factory=list, description="if set, requests need 'Authorization: Bearer KEY'")
+    cors_origins: list[str] = Field(default_factory=list, description="allowed CORS origins; none by default")
+    db_path: Path | None = Field(None, description="SQLite file for stored conversations (default: in cache_dir)")

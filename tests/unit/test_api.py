@@ -1,0 +1,119 @@
+"""The Python API over a scripted fake backend and over the tiny random models."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from allinone import AllInOne, InvalidInputError, Settings
+from allinone.engine import Engine
+from allinone.tasks import SENTIMENT
+from fixtures.fakes import FakeBackend
+
+
+def make(backend, **settings) -> AllInOne:
+    return AllInOne(Engine(backend), Settings(**settings))
+
+
+def test_sentiment_picks_the_best_scored_label_and_sums_verbalizers():
+    backend = FakeBackend(label_logps={"positive": -0.5, "Positive": -0.6, "negative": -0.3, "Negative": -9})
+    result = make(backend).sentiment("great")
+    p_pos = math.exp(-0.5) + math.exp(-0.6)
+    p_neg = math.exp(-0.3) + math.exp(-9)
+    assert result.label == "positive"
+    assert result.scores["positive"] == pytest.approx(p_pos / (p_pos + p_neg))
+    assert sum(result.scores.values()) == pytest.approx(1.0)
+    assert result.to_dict() == {"label": "positive", "scores": result.scores, "truncated": False}
+
+
+@pytest.mark.parametrize("text", ["", "   ", "\n\t ", None, 42])
+def test_empty_or_non_text_input_is_rejected_without_a_model_call(text):
+    backend = FakeBackend()
+    ai = make(backend)
+    with pytest.raises(InvalidInputError):
+        ai.sentiment(text)
+    with pytest.raises(InvalidInputError):
+        ai.analyze(text)
+    assert backend.calls == []
+
+
+def test_long_input_is_truncated_to_the_budget_and_says_so():
+    backend = FakeBackend(label_logps={"negative": -0.1})
+    ai = make(backend, max_input_tokens=64)
+    assert ai.sentiment("short").truncated is False
+    result = ai.sentiment("很长的文字" * 200)
+    assert result.truncated is True and result.label == "negative"
+
+
+def test_text_over_the_character_limit_is_rejected():
+    ai = make(FakeBackend(), max_input_chars=100)
+    with pytest.raises(InvalidInputError, match="limit"):
+        ai.sentiment("x" * 101)
+
+
+def test_chat_stream_and_result_agree():
+    ai = make(FakeBackend("你好 😀 friend"))
+    chunks = list(ai.chat("hi", stream=True))
+    result = ai.chat([{"role": "user", "content": "hi"}])
+    assert "".join(c.text for c in chunks) == result.text == "你好 😀 friend"
+    assert chunks[-1].finish_reason == result.finish_reason == "stop"
+    assert result.usage.completion_tokens == len("你好 😀 friend".encode())
+    assert result.usage.prompt_tokens > 0
+
+
+def test_chat_validates_sampling_and_messages():
+    ai = make(FakeBackend(), max_tokens_limit=100)
+    with pytest.raises(InvalidInputError):
+        ai.chat("hi", max_tokens=101)
+    with pytest.raises(InvalidInputError):
+        ai.chat("hi", temperature=-1)
+    with pytest.raises(InvalidInputError):
+        ai.chat("hi", n=2)
+    with pytest.raises(InvalidInputError):
+        ai.chat([{"role": "system", "content": "only a system prompt"}])
+    with pytest.raises(InvalidInputError):
+        ai.chat([{"role": "user", "content": "   "}])
+
+
+def test_chat_max_tokens_gives_length():
+    result = make(FakeBackend("a long reply that goes on")).chat("hi", max_tokens=4)
+    assert result.finish_reason == "length" and result.text == "a lo"
+
+
+def test_chat_drops_oldest_turns_when_the_context_is_full():
+    ai = make(FakeBackend("ok", n_ctx=300), default_max_tokens=50)
+    history = []
+    for i in range(10):
+        history += [{"role": "user", "content": f"question {i} " * 5}, {"role": "assistant", "content": "answer " * 5}]
+    result = ai.chat([*history, {"role": "user", "content": "last"}], system="sys")
+    assert result.truncated and result.text == "ok"
+    assert result.usage.prompt_tokens + 50 <= 300
+
+
+def test_analyze_gives_sentiment_and_reply():
+    ai = make(FakeBackend("Congratulations!", label_logps={"positive": -0.1}))
+    result = ai.analyze("I got the job", history=[{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}])
+    assert result.sentiment.label == "positive"
+    assert result.reply.text == "Congratulations!"
+    assert set(result.to_dict()) == {"sentiment", "reply"}
+
+
+@pytest.mark.parametrize("backend_name", ["llamacpp", "transformers"])
+def test_load_tiny_model_end_to_end(backend_name, tiny_gguf_path, tiny_hf_dir, tmp_path):
+    if backend_name == "llamacpp":
+        pytest.importorskip("llama_cpp")
+    model = tiny_gguf_path if backend_name == "llamacpp" else tiny_hf_dir
+    with AllInOne.load(str(model), backend=backend_name, n_ctx=512, cache_dir=tmp_path) as ai:
+        assert ai.backend_name == backend_name
+        result = ai.sentiment("这家酒店很好 😀")
+        assert result.label in SENTIMENT.labels
+        assert sum(result.scores.values()) == pytest.approx(1.0)
+        reply = ai.chat("hello", temperature=0, max_tokens=8)
+        assert reply.finish_reason in {"stop", "length"}
+        assert "<|im_end|>" not in reply.text
+
+
+def test_unknown_option_fails_fast(tiny_hf_dir):
+    with pytest.raises(Exception, match="extra|not permitted|Extra"):
+        AllInOne.load(str(tiny_hf_dir), backend="transformers", n_cxt=1)
