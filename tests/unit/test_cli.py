@@ -1,0 +1,86 @@
+"""The CLI over the tiny models: JSON shapes, stdin/JSONL input, eval output, error exits."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from allinone.cli import app
+
+runner = CliRunner()
+
+
+@pytest.fixture(params=["llamacpp", "transformers"])
+def model_args(request, tiny_gguf_path, tiny_hf_dir):
+    if request.param == "llamacpp":
+        pytest.importorskip("llama_cpp")
+        return ["--model", str(tiny_gguf_path), "--backend", "llamacpp"]
+    return ["--model", str(tiny_hf_dir), "--backend", "transformers"]
+
+
+def test_sentiment_json_shape(model_args):
+    out = runner.invoke(app, ["sentiment", "这个很好 😀", "--json", *model_args])
+    assert out.exit_code == 0, out.output
+    obj = json.loads(out.stdout.strip().splitlines()[-1])
+    assert obj["label"] in {"positive", "negative"}
+    assert set(obj["scores"]) == {"positive", "negative"}
+    assert sum(obj["scores"].values()) == pytest.approx(1.0)
+
+
+def test_sentiment_reads_lines_from_stdin(model_args):
+    out = runner.invoke(app, ["sentiment", "--json", *model_args], input="good\n\nbad\n")
+    assert out.exit_code == 0, out.output
+    rows = [json.loads(line) for line in out.stdout.strip().splitlines()]
+    assert [r["text"] for r in rows] == ["good", "bad"]
+
+
+def test_eval_prints_accuracy_and_confusion(model_args, tmp_path):
+    data = tmp_path / "d.jsonl"
+    rows = [{"text": "fine", "label": "positive"}, {"text": "awful", "label": "negative"}, {"text": "ok", "label": "positive"}]
+    data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    out = runner.invoke(app, ["eval", "sentiment", "--data", str(data), "--limit", "2", "--json", *model_args])
+    assert out.exit_code == 0, out.output
+    obj = json.loads(out.stdout.strip().splitlines()[-1])
+    assert obj["n"] == 2 and 0.0 <= obj["accuracy"] <= 1.0 and obj["ms_per_item"] > 0
+    assert sum(sum(row.values()) for row in obj["confusion"].values()) == 2
+    text = runner.invoke(app, ["eval", "sentiment", "--data", str(data), *model_args])
+    assert "accuracy" in text.stdout and "| gold \\ predicted |" in text.stdout
+
+
+def test_chat_once_json(model_args):
+    out = runner.invoke(app, ["chat", "hello", "--json", "--temperature", "0", "--max-tokens", "5", *model_args])
+    assert out.exit_code == 0, out.output
+    obj = json.loads(out.stdout.strip().splitlines()[-1])
+    assert obj["finish_reason"] in {"stop", "length"} and obj["usage"]["completion_tokens"] <= 5
+
+
+def test_chat_repl_keeps_history(model_args):
+    out = runner.invoke(app, ["chat", "--temperature", "0", "--max-tokens", "3", *model_args], input="hi\nmore\n/exit\n")
+    assert out.exit_code == 0, out.output
+    assert out.stdout.count("assistant> ") == 2
+
+
+def test_analyze_json(model_args):
+    out = runner.invoke(app, ["analyze", "nice day", "--json", "--max-tokens", "4", *model_args])
+    assert out.exit_code == 0, out.output
+    obj = json.loads(out.stdout.strip().splitlines()[-1])
+    assert obj["sentiment"]["label"] in {"positive", "negative"} and "text" in obj["reply"]
+
+
+@pytest.mark.parametrize("argv", [["sentiment", "   "], ["analyze", ""], ["chat", " "]])
+def test_empty_input_exits_2_with_a_message(argv, tiny_hf_dir):
+    out = runner.invoke(app, [*argv, "--model", str(tiny_hf_dir), "--backend", "transformers"])
+    assert out.exit_code == 2
+    assert "empty" in out.output
+
+
+def test_missing_model_is_a_clear_error(tmp_path):
+    out = runner.invoke(app, ["sentiment", "hi", "--model", str(tmp_path / "nope.gguf")])
+    assert out.exit_code != 0 and "error" in out.output.lower()
+
+
+def test_eval_missing_file(tmp_path):
+    out = runner.invoke(app, ["eval", "sentiment", "--data", str(tmp_path / "none.jsonl")])
+    assert out.exit_code == 2 and "no such data file" in out.output
