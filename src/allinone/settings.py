@@ -43,3 +43,10 @@ class Settings(BaseSettings):
     api_keys: list[str] = Field(default_factory=list, description="if set, requests need 'Authorization: Bearer KEY'")
     cors_origins: list[str] = Field(default_factory=list, description="allowed CORS origins; none by default")
     db_path: Path | None = Field(None, description="SQLite file for stored conversations (default: in cache_dir)")
+    session_history_messages: int = Field(
+        50, ge=0, description="most recent stored messages of a session sent to the model with a new one"
+    )
+    max_request_bytes: int = Field(
+        8_000_000, ge=1024, description="largest accepted HTTP request body in bytes; larger gets 413"
+    )
+    ui: bool = Field(True, description="mount the web chat UI at /ui")

