@@ -117,3 +117,21 @@ def test_load_tiny_model_end_to_end(backend_name, tiny_gguf_path, tiny_hf_dir, t
 def test_unknown_option_fails_fast(tiny_hf_dir):
     with pytest.raises(Exception, match="extra|not permitted|Extra"):
         AllInOne.load(str(tiny_hf_dir), backend="transformers", n_cxt=1)
+
+
+def test_multi_token_labels_are_scored_token_by_token(tiny_backend):
+    from allinone.tasks import ClassifyTask, classify
+
+    task = ClassifyTask(
+        name="t", system="Classify.", template="{text}",
+        verbalizers={"very good": ("very good indeed",), "bad": ("bad",), "中性": ("中性的",)},
+    )
+    result = classify(tiny_backend, task, "some text 😀")
+    prefix = tiny_backend.render_chat(task.messages("some text 😀"))
+    conts = [tiny_backend.tokenize(w) for w in ("very good indeed", "bad", "中性的")]
+    assert len(conts[0]) > 1 and len(conts[2]) > 1
+    logps = tiny_backend.score(prefix, conts)
+    probs = [math.exp(lp) for lp in logps]
+    expected = {label: p / sum(probs) for label, p in zip(task.labels, probs)}
+    assert result.scores == pytest.approx(expected, rel=1e-3)
+    assert result.label == max(expected, key=expected.get)
