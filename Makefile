@@ -22,7 +22,7 @@ install: $(VENV)/.installed
 
 # Debian's Chromium for the browser test (Playwright drives it with executablePath).
 browser:
-	@command -v chromium >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
+	@{ command -v chromium && dpkg -s fonts-noto-color-emoji; } >/dev/null 2>&1 || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium fonts-noto-color-emoji >/dev/null; }
 
 demo: install
 	$(VENV)/bin/allinone analyze "I just got promoted and I can't stop smiling!" --max-tokens 64 --temperature 0

@@ -42,14 +42,6 @@ class AuthenticationError(AllInOneError):
     error_type = "invalid_request_error"
 
 
-class RequestTooLargeError(AllInOneError):
-    """The request body is larger than ``Settings.max_request_bytes``."""
-
-    status_code = 413
-    code = "request_too_large"
-    error_type = "invalid_request_error"
-
-
 def error_body(message: str, *, type: str, code: str | None, param: str | None = None) -> dict[str, Any]:
     """The OpenAI error object."""
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
@@ -65,6 +57,16 @@ def error_response(exc: AllInOneError) -> JSONResponse:
         headers["WWW-Authenticate"] = "Bearer"
     body = error_body(exc.message, type=exc.error_type, code=exc.code, param=exc.param)
     return JSONResponse(body, status_code=exc.status_code, headers=headers)
+
+
+_HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
+
+
+def error_response_for_status(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    """The error object for a plain HTTP status (not one of our typed errors)."""
+    kind = "invalid_request_error" if status < 500 else "server_error"
+    return JSONResponse(error_body(message, type=kind, code=_HTTP_CODES.get(status, "http_error")),
+                        status_code=status, headers=headers)
 
 
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
@@ -103,14 +105,11 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        # Unknown routes (404), wrong methods (405) and the like, in the same shape.
-        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        # Unknown routes (404), wrong methods (405), oversized bodies (413), in the same shape.
         message = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
         if exc.status_code == 404 and message == "Not Found":
             message = f"no route {request.method} {request.url.path}"
-        kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
-        return JSONResponse(error_body(message, type=kind, code=code), status_code=exc.status_code,
-                            headers=getattr(exc, "headers", None))
+        return error_response_for_status(exc.status_code, message, headers=getattr(exc, "headers", None))
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

@@ -1,0 +1,80 @@
+"""The app factory: one FastAPI app with the task routes, the OpenAI-compatible routes, stored
+sessions, health and metrics, and the web UI mounted at ``/ui``.
+
+All state lives on ``app.state.server`` (a :class:`ServerState`), so several apps can coexist
+in one process. Without a ready model, the model loads on a background thread at startup:
+the server answers at once, ``/health`` says 503 until the model is ready.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
+
+from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import RedirectResponse
+
+from .. import __version__
+from ..settings import Settings
+from .errors import install_error_handlers
+from .limits import BodyLimitMiddleware
+from .metrics import MetricsMiddleware
+from .routes import openai, sessions, system, tasks
+from .state import ServerState
+
+if TYPE_CHECKING:
+    from ..api import AllInOne
+
+
+def create_app(settings: Settings | None = None, ai: "AllInOne | None" = None) -> FastAPI:
+    """Build the app.
+
+    Args:
+        settings: the one settings object (default: from ``ALLINONE_*`` environment variables).
+        ai: a ready model to serve (tests, or a program that already loaded one). The caller
+            keeps ownership and closes it. ``None``: load ``settings.model`` in the background
+            on startup and close it on shutdown.
+
+    Returns:
+        The FastAPI app; run it with uvicorn (``allinone serve`` does).
+    """
+    settings = settings or Settings()
+    server = ServerState(settings, ai)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if server.ai is None and server.load_error is None:
+            threading.Thread(target=server.load, name="allinone-load", daemon=True).start()
+        try:
+            yield
+        finally:
+            server.close()
+
+    app = FastAPI(
+        title="allinone", version=__version__, lifespan=lifespan, redoc_url=None,
+        description="Sentiment, chat and an OpenAI-compatible API from one small model.",
+    )
+    app.state.server = server
+    install_error_handlers(app)
+    for module in (system, tasks, openai, sessions):
+        app.include_router(module.router)
+
+    @app.get("/", include_in_schema=False)
+    async def root() -> RedirectResponse:
+        return RedirectResponse("/ui/" if settings.ui else "/docs")
+
+    if settings.cors_origins:  # closed by default: no CORS headers at all
+        app.add_middleware(
+            CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST", "DELETE"],
+            allow_headers=["Authorization", "Content-Type"],
+        )
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_bytes)
+    app.add_middleware(MetricsMiddleware, metrics=server.metrics)
+    if settings.ui:
+        from ..ui import mount_ui  # gradio is imported only when the UI is wanted
+
+        mount_ui(app, server)
+    return app

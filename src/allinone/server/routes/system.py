@@ -1,0 +1,41 @@
+"""``/health`` (always open, for load balancers) and ``/metrics`` (Prometheus)."""
+
+from __future__ import annotations
+
+import time
+
+from fastapi import APIRouter, Depends, Request, Response
+from fastapi.responses import JSONResponse
+
+from ..deps import server_state
+from ..errors import error_body
+from ..security import require_api_key
+
+router = APIRouter(tags=["system"])
+
+
+@router.get("/health")
+async def health(request: Request) -> JSONResponse:
+    """200 ``{"status": "ok", "model", "backend", "queue_depth", "in_flight", "uptime_seconds"}``
+    once the model is loaded; 503 ``{"status": "loading"}`` before, 503 ``{"status": "error",
+    "error": {...}}`` if loading failed."""
+    server = server_state(request)
+    if server.ai is None:
+        if server.load_error is not None:
+            body = {"status": "error", **error_body(f"the model failed to load: {server.load_error}",
+                                                    type="server_error", code="model_load_failed")}
+            return JSONResponse(body, status_code=503)
+        return JSONResponse({"status": "loading"}, status_code=503, headers={"Retry-After": "5"})
+    ai = server.ai
+    return JSONResponse({
+        "status": "ok", "model": ai.model_id, "backend": ai.backend_name,
+        "queue_depth": ai.engine.queue_depth, "in_flight": server.admission.active,
+        "uptime_seconds": int(time.time()) - server.started,
+    })
+
+
+@router.get("/metrics", dependencies=[Depends(require_api_key)])
+async def metrics(request: Request) -> Response:
+    """Prometheus text exposition of this app's registry."""
+    body, content_type = server_state(request).metrics.render()
+    return Response(body, media_type=content_type)

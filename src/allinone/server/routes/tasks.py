@@ -1,0 +1,109 @@
+"""Task routes: ``/v1/tasks/sentiment``, ``/v1/tasks/analyze``, ``/v1/tasks/chat``, ``/v1/tokenize``.
+
+``analyze`` and ``chat`` take an optional ``session_id``: the session's recent history is sent
+to the model with the new message, and the message and the reply are stored afterwards (only
+when the reply is complete, so a failed or abandoned request leaves the session unchanged).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request
+
+from ...results import ChatResult, ClassifyResult
+from ..deps import admitted, blocking, server_state
+from ..schemas import ChatTaskRequest, TextRequest
+from ..security import require_api_key
+from ..state import ServerState
+from ..streaming import ChunkStream, collect
+
+router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)], tags=["tasks"])
+
+
+@router.post("/tasks/sentiment")
+async def sentiment(body: TextRequest, request: Request) -> dict[str, Any]:
+    """Label ``text`` positive or negative.
+
+    Returns ``{"object": "sentiment", "model", "label", "scores": {label: probability},
+    "truncated"}``; probabilities sum to 1. 400 for empty or over-long text.
+    """
+    server = server_state(request)
+    ai = server.require_ai()
+    async with admitted(server):
+        result: ClassifyResult = await blocking(ai.sentiment, body.text)
+    return {"object": "sentiment", "model": ai.model_id, **result.to_dict()}
+
+
+@router.post("/tasks/analyze")
+async def analyze(body: ChatTaskRequest, request: Request) -> dict[str, Any]:
+    """The sentiment of ``text`` plus a reply to it (the original demo).
+
+    Returns ``{"object": "analysis", "model", "session_id", "sentiment": {...},
+    "reply": {"text", "finish_reason", "usage", "truncated"}}``.
+    """
+    server = server_state(request)
+    ai = server.require_ai()
+    async with admitted(server):
+        history = await _history(server, body.session_id)
+        result: ClassifyResult = await blocking(ai.sentiment, body.text)
+        reply = await _reply(server, request, history, body)
+    await _store(server, body, reply, sentiment=result.to_dict())
+    return {"object": "analysis", "model": ai.model_id, "session_id": body.session_id,
+            "sentiment": result.to_dict(), "reply": reply.to_dict()}
+
+
+@router.post("/tasks/chat")
+async def chat(body: ChatTaskRequest, request: Request) -> dict[str, Any]:
+    """A reply to ``text``, in a stored conversation when ``session_id`` is given.
+
+    Returns ``{"object": "chat.reply", "model", "session_id", "reply": {"text", "finish_reason",
+    "usage", "truncated"}}``.
+    """
+    server = server_state(request)
+    ai = server.require_ai()
+    async with admitted(server):
+        history = await _history(server, body.session_id)
+        reply = await _reply(server, request, history, body)
+    await _store(server, body, reply)
+    return {"object": "chat.reply", "model": ai.model_id, "session_id": body.session_id, "reply": reply.to_dict()}
+
+
+@router.post("/tokenize")
+async def tokenize(body: TextRequest, request: Request) -> dict[str, Any]:
+    """Token ids of ``text`` as plain text: control-token strings such as ``<|im_start|>`` are
+    not parsed, exactly as user content is tokenized in a chat prompt.
+
+    Returns ``{"object": "tokens", "model", "tokens": [int], "count"}``.
+    """
+    server = server_state(request)
+    ai = server.require_ai()
+    async with admitted(server):
+        ids = await blocking(ai.tokenize, body.text)
+    return {"object": "tokens", "model": ai.model_id, "tokens": ids, "count": len(ids)}
+
+
+async def _history(server: ServerState, session_id: str | None) -> list[dict[str, str]]:
+    if session_id is None:
+        return []
+    return await blocking(server.store.history, session_id, server.settings.session_history_messages)
+
+
+async def _reply(server: ServerState, request: Request, history: list[dict[str, str]],
+                 body: ChatTaskRequest) -> ChatResult:
+    ai = server.require_ai()
+    messages = [*history, {"role": "user", "content": body.text}]
+    stream = ChunkStream(ai.chat(messages, stream=True, system=body.system, **body.sampling()))
+    reply = await collect(request, stream)
+    server.metrics.count_tokens(request.url.path, reply.usage.prompt_tokens, reply.usage.completion_tokens)
+    return reply
+
+
+async def _store(server: ServerState, body: ChatTaskRequest, reply: ChatResult,
+                 sentiment: dict[str, Any] | None = None) -> None:
+    if body.session_id is None:
+        return
+    user: dict[str, Any] = {"role": "user", "content": body.text}
+    if sentiment is not None:
+        user["sentiment"] = sentiment
+    await blocking(server.store.append, body.session_id, [user, {"role": "assistant", "content": reply.text}])

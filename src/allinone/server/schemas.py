@@ -1,0 +1,120 @@
+"""Request bodies of the HTTP routes (pydantic models).
+
+The models check types and shapes only, strictly (``"10"`` or ``true`` is not a number); value
+ranges (temperature, max_tokens, text length, message roles...) are checked once, by the Python
+API, so every surface applies the same rules.
+Unknown fields are rejected (400) rather than silently ignored.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt
+
+from ..errors import InvalidInputError
+from ..sessions import SESSION_ID_PATTERN
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Sampling(_Body):
+    """Decoding options shared by the chat routes (all optional; server defaults apply)."""
+
+    temperature: StrictFloat | None = Field(None, description="0 = greedy; up to 2")
+    top_p: StrictFloat | None = Field(None, description="nucleus mass in (0, 1]")
+    top_k: StrictInt | None = Field(None, description="keep the k most likely tokens; 0 disables")
+    max_tokens: StrictInt | None = Field(None, description="at most this many new tokens (>= 1)")
+    seed: StrictInt | None = Field(None, description="reproducible sampling")
+    stop: str | list[str] | None = Field(None, description="up to 4 strings that end the reply")
+    repetition_penalty: StrictFloat | None = Field(None, description="1.0 disables")
+
+    def sampling(self) -> dict[str, Any]:
+        """The options that were given, as keyword arguments for ``AllInOne.chat``."""
+        keys = ("temperature", "top_p", "top_k", "max_tokens", "seed", "stop", "repetition_penalty")
+        return {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
+
+
+class TextRequest(_Body):
+    text: str = Field(..., description="the input text (not empty; at most max_input_chars characters)")
+
+
+class ChatTaskRequest(Sampling):
+    """``/v1/tasks/chat`` and ``/v1/tasks/analyze``: one new user message, optionally in a stored
+    conversation."""
+
+    text: str = Field(..., description="the user's new message")
+    session_id: str | None = Field(None, pattern=SESSION_ID_PATTERN,
+                                   description="keep the conversation on the server under this id")
+    system: str | None = Field(None, description="a system prompt for this request (not stored)")
+
+
+class ChatMessage(BaseModel):
+    """An OpenAI chat message. Extra keys an OpenAI client echoes back (``refusal``,
+    ``annotations``...) are ignored; roles and content are validated by the API."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    role: str
+    content: str | list[dict[str, Any]] | None = None
+    name: str | None = None
+
+    def to_message(self) -> dict[str, Any]:
+        # "developer" is OpenAI's newer name for the system role.
+        return {"role": "system" if self.role == "developer" else self.role, "content": self.content}
+
+
+class StreamOptions(_Body):
+    include_usage: bool = False
+
+
+class ChatCompletionRequest(Sampling):
+    """``POST /v1/chat/completions``, as in OpenAI's API (text only, ``n = 1``)."""
+
+    model: str | None = Field(None, description="ignored: the server has one model")
+    messages: list[ChatMessage] = Field(..., min_length=1)
+    max_completion_tokens: StrictInt | None = Field(None, description="OpenAI's newer name for max_tokens")
+    n: StrictInt | None = 1
+    stream: StrictBool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = Field(None, description="ignored")
+    # Accepted only at their neutral value, so clients that always send them keep working.
+    presence_penalty: StrictFloat | None = None
+    frequency_penalty: StrictFloat | None = None
+    logprobs: bool | None = None
+    top_logprobs: StrictInt | None = None
+    logit_bias: dict[str, float] | None = None
+    response_format: dict[str, Any] | None = None
+    tools: list[Any] | None = None
+    tool_choice: Any = None
+    parallel_tool_calls: bool | None = None
+
+    def checked_sampling(self) -> dict[str, Any]:
+        """Sampling keyword arguments, after rejecting what this server cannot do.
+
+        Raises:
+            InvalidInputError: ``n`` other than 1, tools, logprobs, non-zero penalties, a
+                non-text response format, or ``max_tokens`` and ``max_completion_tokens`` that
+                disagree.
+        """
+        if self.n is not None and self.n != 1:
+            raise InvalidInputError(f"only n=1 is supported, got n={self.n}", param="n")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if getattr(self, name):
+                raise InvalidInputError(f"{name} is not supported (use repetition_penalty)", param=name)
+        if self.logprobs or self.top_logprobs:
+            raise InvalidInputError("logprobs are not supported", param="logprobs")
+        if self.logit_bias:
+            raise InvalidInputError("logit_bias is not supported", param="logit_bias")
+        if self.tools or self.tool_choice not in (None, "none"):
+            raise InvalidInputError("tools are not supported", param="tools")
+        if self.response_format and self.response_format.get("type") != "text":
+            raise InvalidInputError("only the 'text' response_format is supported", param="response_format")
+        sampling = self.sampling()
+        if self.max_completion_tokens is not None:
+            if self.max_tokens is not None and self.max_tokens != self.max_completion_tokens:
+                raise InvalidInputError("max_tokens and max_completion_tokens disagree", param="max_tokens")
+            sampling["max_tokens"] = self.max_completion_tokens
+        return sampling

@@ -1,0 +1,82 @@
+"""Reading the engine's reply stream from the event loop, and stopping it when the client leaves.
+
+The engine hands back a blocking iterator of :class:`~allinone.results.ChatChunk`; closing it
+cancels generation at the next token. :class:`ChunkStream` steps that iterator on a worker
+thread (so the event loop never blocks) and makes sure it is closed exactly once, whatever
+ends the request: the last chunk, an error, or the client going away.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+
+import anyio
+from fastapi import Request
+
+from ..errors import CancelledError
+from ..results import ChatChunk, ChatResult, Usage
+
+
+class ChunkStream:
+    """An async view of a blocking chunk iterator.
+
+    Every touch of the iterator (a step or the close) happens under one lock on a worker
+    thread: a generator may not be closed while another thread is inside it.
+    """
+
+    def __init__(self, chunks: Iterator[ChatChunk]) -> None:
+        self._chunks = chunks
+        self._lock = threading.Lock()
+        self._done = False
+
+    async def next(self) -> ChatChunk | None:
+        """The next chunk, or ``None`` after the last one. Errors of the engine propagate."""
+        return await anyio.to_thread.run_sync(self._step)
+
+    async def aclose(self) -> None:
+        """Stop generation (idempotent). Shielded so it also runs in a cancelled request."""
+        with anyio.CancelScope(shield=True):
+            await anyio.to_thread.run_sync(self._close)
+
+    def _step(self) -> ChatChunk | None:
+        with self._lock:
+            if self._done:
+                return None
+            # next() with a default: StopIteration must not cross into the event loop's future.
+            item = next(self._chunks, None)
+            if item is None:
+                self._done = True
+            return item
+
+    def _close(self) -> None:
+        with self._lock:
+            if not self._done:
+                self._done = True
+                close = getattr(self._chunks, "close", None)
+                if close is not None:
+                    close()
+
+
+async def collect(request: Request, stream: ChunkStream) -> ChatResult:
+    """Join a reply stream into one :class:`ChatResult`, checking between chunks that the client
+    is still connected.
+
+    Raises:
+        CancelledError: the client disconnected; generation has been stopped.
+        AllInOneError: whatever the engine raised (timeout, invalid input found on the worker).
+    """
+    parts: list[str] = []
+    last: ChatChunk | None = None
+    try:
+        while (chunk := await stream.next()) is not None:
+            parts.append(chunk.text)
+            last = chunk
+            if chunk.finish_reason is None and await request.is_disconnected():
+                raise CancelledError("the client disconnected")
+    finally:
+        await stream.aclose()
+    if last is None or last.finish_reason is None:  # pragma: no cover - the engine always ends with one
+        raise RuntimeError("the reply stream ended without a finish reason")
+    return ChatResult(text="".join(parts), finish_reason=last.finish_reason,
+                      usage=last.usage or Usage(0, 0), truncated=last.truncated)

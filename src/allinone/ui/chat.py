@@ -1,0 +1,142 @@
+"""A chat page: every message gets its sentiment (label + emoji), then a streamed reply.
+
+The UI holds no model logic: it calls the same :class:`~allinone.api.AllInOne` as the HTTP
+routes. The conversation lives in the browser session (Gradio session state), so two tabs are
+two conversations and a reload starts afresh.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any
+
+import gradio as gr
+
+from ..errors import AllInOneError
+from ..results import ClassifyResult
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
+
+    from ..api import AllInOne
+    from ..server.state import ServerState
+
+EMOJI = {"positive": "😊", "negative": "😞"}
+UI_PATH = "/ui"
+
+
+def sentiment_badge(result: ClassifyResult) -> str:
+    """``"😊 positive (97%)"``: the label with its emoji and probability."""
+    emoji = EMOJI.get(result.label, "🏷️")
+    return f"{emoji} {result.label} ({result.scores[result.label]:.0%})"
+
+
+class ChatHandlers:
+    """The UI's event handlers, over a model getter (kept apart from the layout so they can be
+    tested without a browser).
+
+    Args:
+        get_ai: returns the loaded model, or raises ``AllInOneError`` (e.g. still loading).
+    """
+
+    def __init__(self, get_ai: Callable[[], "AllInOne"]) -> None:
+        self.get_ai = get_ai
+
+    def respond(self, message: str, shown: list[dict[str, Any]], history: list[dict[str, str]],
+                temperature: float, max_tokens: float) -> Iterator[tuple]:
+        """Label ``message``, then stream the reply.
+
+        Yields ``(textbox, shown messages, history, label scores)`` updates: first the user's
+        message with its sentiment badge and an empty reply, then the reply as it grows.
+        ``shown`` is what the chat displays (with badges); ``history`` is what the model sees.
+
+        Raises:
+            gr.Error: an empty message, or any ``AllInOneError`` (shown as a toast).
+        """
+        if not message or not message.strip():
+            raise gr.Error("Type a message first.")
+        try:
+            ai = self.get_ai()
+            result = ai.sentiment(message)
+            chunks = ai.chat([*history, {"role": "user", "content": message}], stream=True,
+                             temperature=temperature, max_tokens=int(max_tokens))
+        except AllInOneError as exc:
+            raise gr.Error(exc.message) from None
+        shown = [*shown, {"role": "user", "content": f"{message}\n\n*{sentiment_badge(result)}*"},
+                 {"role": "assistant", "content": ""}]
+        scores = dict(result.scores)
+        yield "", shown, history, scores
+        reply = ""
+        try:
+            for chunk in chunks:
+                reply += chunk.text
+                shown = [*shown[:-1], {"role": "assistant", "content": reply}]  # a new list per update
+                yield "", shown, history, scores
+        except AllInOneError as exc:
+            raise gr.Error(exc.message) from None
+        finally:
+            # Closing the stream cancels generation when the browser goes away mid-reply.
+            chunks.close()
+        history = [*history, {"role": "user", "content": message}, {"role": "assistant", "content": reply}]
+        yield "", shown, history, scores
+
+    @staticmethod
+    def reset() -> tuple:
+        """A new conversation: nothing shown, nothing remembered."""
+        return [], [], None, ""
+
+
+def build_ui(get_ai: Callable[[], "AllInOne"], *, default_max_tokens: int = 512,
+             max_tokens_limit: int = 2048) -> gr.Blocks:
+    """The Gradio app.
+
+    Args:
+        get_ai: returns the loaded model, or raises ``AllInOneError`` (e.g. still loading).
+        default_max_tokens / max_tokens_limit: the reply-length slider's start and end.
+    """
+    handlers = ChatHandlers(get_ai)
+
+    with gr.Blocks(title="allinone chat", analytics_enabled=False) as demo:
+        gr.Markdown("## allinone chat\nEach message you send is labelled **positive** or **negative**, "
+                    "then the model replies.")
+        chatbot = gr.Chatbot(label="Conversation", height=460, elem_id="chat", feedback_options=None,
+                             buttons=["copy", "copy_all"])
+        with gr.Row():
+            box = gr.Textbox(placeholder="Type a message and press Enter", show_label=False, scale=8,
+                             elem_id="message", autofocus=True, max_lines=6)
+            send = gr.Button("Send", variant="primary", scale=1, elem_id="send")
+        with gr.Row():
+            sentiment = gr.Label(label="Sentiment of your last message", num_top_classes=2, elem_id="sentiment")
+            with gr.Column():
+                temperature = gr.Slider(0.0, 1.5, value=0.7, step=0.05, label="Temperature (0 = greedy)")
+                max_tokens = gr.Slider(1, max_tokens_limit, value=min(default_max_tokens, max_tokens_limit), step=1,
+                                       label="Max reply tokens")
+                clear = gr.Button("New conversation", elem_id="clear")
+        history = gr.State([])  # what the model sees: messages without the sentiment badges
+
+        inputs = [box, chatbot, history, temperature, max_tokens]
+        outputs = [box, chatbot, history, sentiment]
+        box.submit(handlers.respond, inputs, outputs)
+        send.click(handlers.respond, inputs, outputs)
+        clear.click(handlers.reset, None, [chatbot, history, sentiment, box])
+        # the chat's own trash button clears what is shown; forget what the model sees as well
+        chatbot.clear(lambda: ([], None), None, [history, sentiment])
+    return demo
+
+
+def mount_ui(app: "FastAPI", server: "ServerState") -> None:
+    """Mount the UI at ``/ui``. With API keys configured, the UI asks for a log-in: any user
+    name, an API key as the password."""
+    from ..server.security import key_matches
+
+    settings = server.settings
+    demo = build_ui(server.require_ai, default_max_tokens=settings.default_max_tokens,
+                    max_tokens_limit=settings.max_tokens_limit)
+    auth = None
+    if settings.api_keys:
+        def auth(username: str, password: str) -> bool:
+            return key_matches(password, settings.api_keys)
+
+    gr.mount_gradio_app(app, demo, path=UI_PATH, auth=auth,
+                        auth_message="Log in with any user name and an API key as the password.",
+                        footer_links=[], run_history=False, ssr_mode=False, mcp_server=False)
