@@ -7,12 +7,15 @@
 """
 
 from .api import AllInOne
-from .errors import AllInOneError, InvalidInputError, ModelSourceError
-from .results import AnalyzeResult, ChatChunk, ChatResult, ClassifyResult, SentimentResult, Usage
+from .errors import AllInOneError, InvalidInputError, ModelSourceError, UnknownTaskError
+from .results import (AnalyzeResult, ChatChunk, ChatResult, ClassifyResult, ExtractResult, SentimentResult,
+                      TaskResult, Usage)
 from .settings import Settings
+from .tasks import TaskDeclarationError, TaskRegistry, TaskSpec
 
 __all__ = [
-    "AllInOne", "AllInOneError", "AnalyzeResult", "ChatChunk", "ChatResult", "ClassifyResult",
-    "InvalidInputError", "ModelSourceError", "SentimentResult", "Settings", "Usage",
+    "AllInOne", "AllInOneError", "AnalyzeResult", "ChatChunk", "ChatResult", "ClassifyResult", "ExtractResult",
+    "InvalidInputError", "ModelSourceError", "SentimentResult", "Settings", "TaskDeclarationError",
+    "TaskRegistry", "TaskResult", "TaskSpec", "UnknownTaskError", "Usage",
 ]
 __version__ = "0.1.0"

@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from .backends import SamplingParams, load_backend
 from .engine import Engine
 from .errors import InvalidInputError
 from .models import resolve_model
-from .results import AnalyzeResult, ChatChunk, ChatResult, ClassifyResult, Usage
+from .results import AnalyzeResult, ChatChunk, ChatResult, ClassifyResult, TaskResult, Usage
 from .settings import Settings
-from .tasks import SENTIMENT, ChatRequest, ClassifyTask, chat_stream, classify
+from .tasks import ChatRequest, ClassifyTask, TaskRegistry, TaskSpec, chat_stream, classify, extract
+from .tasks.runner import Request, build_request, compile_classify, compile_extract
 
 _SAMPLING_KEYS = {"temperature", "top_p", "top_k", "max_tokens", "seed", "stop", "repetition_penalty"}
 
@@ -28,6 +30,10 @@ class AllInOne:
         self.engine = engine
         self.settings = settings
         self.load_seconds = load_seconds
+        #: every task this instance serves: the built-ins, ``settings.tasks_dir``, and
+        #: whatever :meth:`register_task` adds
+        self.tasks = TaskRegistry(tasks_dir=settings.tasks_dir)
+        self._compiled: dict[tuple, tuple[TaskSpec, Any]] = {}
 
     @classmethod
     def load(cls, model: str = "embedded", backend: str = "auto", **options: Any) -> "AllInOne":
@@ -85,10 +91,85 @@ class AllInOne:
     def sentiment(self, text: str) -> ClassifyResult:
         """``positive`` or ``negative`` with probabilities; English or Chinese text.
 
-        Text over ``max_input_tokens`` tokens (default 1024) is cut to that budget, keeping its
-        start, and the result has ``truncated=True``.
+        The same as ``run("sentiment", text)``. Text over ``max_input_tokens`` tokens (default
+        1024) is cut to that budget, keeping its start, and the result has ``truncated=True``.
         """
-        return self.classify(SENTIMENT, text)
+        return self.run("sentiment", text)
+
+    def register_task(self, spec: TaskSpec | Mapping[str, Any] | str | Path) -> TaskSpec:
+        """Add or replace a task: a :class:`TaskSpec`, a mapping of its fields, or a .toml path.
+
+        Raises:
+            TaskDeclarationError: the declaration is invalid (the message names the field).
+        """
+        return self.tasks.register(spec)
+
+    def run(self, task: str, text: str, *, stream: bool = False, **params: Any) -> TaskResult | Iterator[ChatChunk]:
+        """Run any task on ``text``.
+
+        Args:
+            task: a task name (see ``self.tasks.names()``).
+            text: the input.
+            stream: generate tasks only: return an iterator of :class:`ChatChunk`.
+            **params: the task's parameters (``self.tasks.describe(task)["input_schema"]``):
+                ``lang`` ("auto" or a code) for every task; ``labels`` and ``calibrate`` for
+                classify; ``types`` (span tasks), ``max_tokens``, ``temperature``, ``top_p``,
+                ``seed`` for extract; sampling options and ``system`` for generate.
+
+        Returns:
+            :class:`ClassifyResult`, :class:`ExtractResult` or :class:`ChatResult` by kind.
+
+        Raises:
+            UnknownTaskError: no such task.
+            InvalidInputError: bad text or parameters (no model call is made).
+        """
+        spec = self.tasks.get(task)
+        self._check_text(text)
+        req = build_request(spec, text, params, max_tokens_limit=self.settings.max_tokens_limit)
+        if stream and spec.kind != "generate":
+            raise InvalidInputError(f"stream=True is only for generate tasks; {task!r} is {spec.kind}", param="stream")
+        if spec.kind == "generate":
+            chunks = self.engine.stream(lambda b: chat_stream(b, self._generate_request(spec, req, text)))
+            return chunks if stream else collect(chunks)
+        fn = self._task_fn(spec, req, "single")
+        return self.engine.call(lambda b: fn(b, text))
+
+    def _task_fn(self, spec: TaskSpec, req: Request, layout: str):
+        """A function (backend, text) -> result for a classify/extract task; compiled prompts are
+        cached (with their label token ids and calibration priors)."""
+        key = (spec.name, id(spec), req.lang, req.labels, req.types, req.calibrate, layout)
+        hit = self._compiled.get(key)
+        if hit is None or hit[0] is not spec:
+            compiled = (compile_classify if spec.kind == "classify" else compile_extract)(spec, req, layout)
+            if len(self._compiled) >= 128:
+                self._compiled.pop(next(iter(self._compiled)))
+            hit = self._compiled[key] = (spec, compiled)
+        compiled = hit[1]
+        budget = self.settings.max_input_tokens
+        if spec.kind == "classify":
+            return lambda b, text: classify(b, compiled, text, max_input_tokens=budget)
+        sampling = req.sampling
+        return lambda b, text: extract(b, compiled, text, sampling, max_input_tokens=budget)
+
+    def _generate_request(self, spec: TaskSpec, req: Request, text: str,
+                          history: Sequence[dict[str, Any]] | None = None) -> ChatRequest:
+        template = spec.pick(spec.template, req.lang, "{text}")
+        question = spec.pick(spec.question, req.lang)
+        if question:
+            template += "\n" + question
+        shots: list[dict[str, Any]] = []
+        for ex in [e for e in spec.examples if e.lang in (None, req.lang)] or list(spec.examples):
+            shots += [{"role": "user", "content": template.replace("{text}", ex.text)},
+                      {"role": "assistant", "content": ex.output}]
+        messages = [*shots, *(history or []), {"role": "user", "content": template.replace("{text}", text)}]
+        system = req.system if req.system is not None else spec.pick(spec.instructions, req.lang)
+        request = ChatRequest.build(messages, system=system, sampling=req.sampling)
+        for m in request.messages:
+            if len(m["content"]) > self.settings.max_input_chars:
+                raise InvalidInputError(
+                    f"a message is longer than {self.settings.max_input_chars} characters", param="messages"
+                )
+        return request
 
     def chat(self, messages: str | Sequence[dict[str, Any]], *, stream: bool = False,
              system: str | None = None, **sampling: Any) -> ChatResult | Iterator[ChatChunk]:
@@ -108,15 +189,53 @@ class AllInOne:
         chunks = self.engine.stream(lambda b: chat_stream(b, request))
         return chunks if stream else collect(chunks)
 
-    def analyze(self, text: str, history: Sequence[dict[str, Any]] | None = None, **sampling: Any) -> AnalyzeResult:
-        """The original demo: the sentiment of ``text`` plus a chat reply to it.
+    def analyze(self, text: str, history: Sequence[dict[str, Any]] | None = None, *,
+                tasks: Sequence[str] | Mapping[str, Mapping[str, Any]] | None = None,
+                **sampling: Any) -> AnalyzeResult:
+        """Several tasks on one text.
 
-        ``history`` is the conversation so far (without ``text``); it is not modified.
+        Without ``tasks``: the original demo, the sentiment of ``text`` plus a chat reply to it
+        (``history`` is the conversation so far, without ``text``; it is not modified).
+
+        With ``tasks`` (names, or name -> parameters): every task's result in ``results``. The
+        classify/extract tasks run back to back in one engine job; with two or more of them the
+        prompts put the text first (the ``shared`` layout), so the backend computes the text
+        once and each further task pays only for its own instructions. Generate tasks (e.g.
+        ``chat``) get ``history`` and ``**sampling``.
+
+        Raises:
+            UnknownTaskError / InvalidInputError: checked for every task before any model call.
         """
         self._check_text(text)
-        sentiment = self.sentiment(text)
-        reply = self.chat([*(history or []), {"role": "user", "content": text}], **sampling)
-        return AnalyzeResult(sentiment=sentiment, reply=reply)
+        if tasks is None:
+            sentiment = self.sentiment(text)
+            reply = self.chat([*(history or []), {"role": "user", "content": text}], **sampling)
+            return AnalyzeResult(sentiment=sentiment, reply=reply)
+        if isinstance(tasks, str):
+            tasks = [tasks]
+        items = list(tasks.items()) if isinstance(tasks, Mapping) else [(name, {}) for name in tasks]
+        if not items:
+            raise InvalidInputError("tasks is empty", param="tasks")
+        if len({name for name, _ in items}) != len(items):
+            raise InvalidInputError("tasks has duplicates", param="tasks")
+        plans = []
+        for name, params in items:
+            spec = self.tasks.get(name)
+            params = dict(params or {})
+            if spec.kind == "generate":
+                params = {**sampling, **params}
+            plans.append((name, spec, build_request(spec, text, params, max_tokens_limit=self.settings.max_tokens_limit)))
+        scored = [(name, spec, req) for name, spec, req in plans if spec.kind != "generate"]
+        layout = "shared" if len(scored) >= 2 else "single"
+        fns = [(name, self._task_fn(spec, req, layout)) for name, spec, req in scored]
+        results: dict[str, Any] = {}
+        if fns:
+            results.update(self.engine.call(lambda b: {name: fn(b, text) for name, fn in fns}))
+        for name, spec, req in plans:
+            if spec.kind == "generate":
+                request = self._generate_request(spec, req, text, history)
+                results[name] = collect(self.engine.stream(lambda b, r=request: chat_stream(b, r)))
+        return AnalyzeResult(results={name: results[name] for name, _ in items})
 
     def _chat_request(self, messages: Any, system: str | None, sampling: dict[str, Any]) -> ChatRequest:
         unknown = set(sampling) - _SAMPLING_KEYS

@@ -5,7 +5,6 @@ from __future__ import annotations
 import functools
 import json
 import sys
-import time
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -16,13 +15,12 @@ from rich.console import Console
 from .errors import AllInOneError, InvalidInputError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
-eval_app = typer.Typer(no_args_is_help=True, help="Measure a task on a labelled JSONL file.")
-app.add_typer(eval_app, name="eval")
 err = Console(stderr=True)
 
 ModelOpt = Annotated[str, typer.Option("--model", "-m", help="embedded, embedded-1.5b, a .gguf, an HF folder or a Hub id")]
 BackendOpt = Annotated[str, typer.Option("--backend", "-b", help="auto, llamacpp or transformers")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="print one JSON object")]
+TasksDirOpt = Annotated[Optional[Path], typer.Option("--tasks-dir", help="a folder of task files (*.toml) to add")]
 
 
 def _handle_errors(fn):
@@ -42,11 +40,38 @@ def _handle_errors(fn):
     return wrapper
 
 
-def _load(model: str, backend: str):
+def _load(model: str, backend: str, **options: Any):
     from .api import AllInOne
 
+    options = {k: v for k, v in options.items() if v is not None}
     with err.status(f"loading {model} on {backend}..."):
-        return AllInOne.load(model=model, backend=backend)
+        return AllInOne.load(model=model, backend=backend, **options)
+
+
+def _registry(tasks_dir: Optional[Path]):
+    """The tasks a command can use, without loading a model (ALLINONE_TASKS_DIR applies too)."""
+    from .settings import Settings
+    from .tasks import TaskRegistry
+
+    return TaskRegistry(tasks_dir=tasks_dir if tasks_dir is not None else Settings().tasks_dir)
+
+
+def _names(value: Optional[str]) -> Optional[list[str]]:
+    return [v.strip() for v in value.split(",") if v.strip()] if value else None
+
+
+def _params(pairs: Optional[list[str]]) -> dict[str, Any]:
+    """KEY=VALUE pairs; VALUE is read as JSON when it parses (numbers, true, lists), else as text."""
+    out: dict[str, Any] = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise InvalidInputError(f"--param takes KEY=VALUE, got {pair!r}")
+        try:
+            out[key.strip()] = json.loads(value)
+        except ValueError:
+            out[key.strip()] = value
+    return out
 
 
 def _dump(obj: Any) -> None:
@@ -143,63 +168,170 @@ def _print_stream(chunks) -> str:
 @_handle_errors
 def analyze(
     text: Annotated[str, typer.Argument(help="the user's message")],
+    task: Annotated[Optional[list[str]], typer.Option("--task", "-t", help="run these tasks instead (repeatable)")] = None,
     max_tokens: int = 256,
     temperature: float = 0.7,
+    tasks_dir: TasksDirOpt = None,
     model: ModelOpt = "embedded", backend: BackendOpt = "auto", as_json: JsonOpt = False,
 ) -> None:
-    """The sentiment of TEXT plus a chat reply to it."""
-    ai = _load(model, backend)
-    result = ai.analyze(text, max_tokens=max_tokens, temperature=temperature)
+    """The sentiment of TEXT plus a chat reply to it; or, with --task, several tasks on TEXT."""
+    if task:
+        for name in task:
+            _registry(tasks_dir).get(name)  # an unknown task fails before the model loads
+    ai = _load(model, backend, tasks_dir=tasks_dir)
+    result = ai.analyze(text, tasks=task or None, max_tokens=max_tokens, temperature=temperature)
     if as_json:
         _dump(result.to_dict())
+    elif task:
+        for name, r in result.results.items():
+            print(f"{name}: {_brief(r)}")
     else:
         s = result.sentiment
         print(f"sentiment: {s.label} ({s.scores[s.label]:.3f})")
         print(f"reply: {result.reply.text}")
 
 
-@eval_app.command("sentiment")
+def _brief(result: Any) -> str:
+    """One line of a task result for people (the JSON has everything)."""
+    from .results import ClassifyResult, ExtractResult
+
+    if isinstance(result, ClassifyResult):
+        return f"{result.label} ({result.scores[result.label]:.3f})"
+    if isinstance(result, ExtractResult):
+        return json.dumps(result.data, ensure_ascii=False)
+    return result.text
+
+
+@app.command()
 @_handle_errors
-def eval_sentiment(
-    data: Annotated[Path, typer.Option("--data", "-d", help="JSONL with 'text' and 'label' fields")],
-    limit: Annotated[Optional[int], typer.Option(help="only the first N rows")] = None,
+def run(
+    task: Annotated[str, typer.Argument(help="the task's name (see `allinone tasks`)")],
+    text: Annotated[Optional[str], typer.Argument(help="the text; omit to read lines from stdin")] = None,
+    file: Annotated[Optional[Path], typer.Option("--file", "-f", help="a JSONL file with a 'text' field")] = None,
+    labels: Annotated[Optional[str], typer.Option(help="classify: the label set, comma-separated")] = None,
+    types: Annotated[Optional[str], typer.Option(help="span tasks: the types, comma-separated")] = None,
+    lang: Annotated[Optional[str], typer.Option(help="prompt language: auto, en, zh ...")] = None,
+    calibrate: Annotated[Optional[bool], typer.Option("--calibrate/--no-calibrate", help="classify: contextual calibration")] = None,
+    max_tokens: Annotated[Optional[int], typer.Option(help="extract/generate: answer budget")] = None,
+    temperature: Annotated[Optional[float], typer.Option(help="extract/generate: 0 = greedy")] = None,
+    param: Annotated[Optional[list[str]], typer.Option("--param", "-p", help="any other task parameter, KEY=VALUE (repeatable)")] = None,
+    tasks_dir: TasksDirOpt = None,
     model: ModelOpt = "embedded", backend: BackendOpt = "auto", as_json: JsonOpt = False,
 ) -> None:
-    """Accuracy, macro-F1, confusion matrix and ms/item of the sentiment task on a labelled file."""
-    from tqdm import tqdm
+    """Run any task (built-in or declared in a task file) on TEXT: one result per text."""
+    _registry(tasks_dir).get(task)  # an unknown task fails before the model loads
+    params = {**_params(param), "labels": _names(labels), "types": _names(types), "lang": lang,
+              "calibrate": calibrate, "max_tokens": max_tokens, "temperature": temperature}
+    params = {k: v for k, v in params.items() if v is not None}
+    texts = _read_texts(text, file)
+    ai = _load(model, backend, tasks_dir=tasks_dir)
+    for t in texts:
+        result = ai.run(task, t, **params)
+        if as_json:
+            _dump(result.to_dict() if len(texts) == 1 else {"text": t, **result.to_dict()})
+        else:
+            print(_brief(result) if len(texts) == 1 else f"{_brief(result)}\t{t}")
 
-    from .eval import classification_report, load_jsonl
-    from .tasks import SENTIMENT
 
-    rows = load_jsonl(data, limit=limit, require=("text", "label"))
+@app.command()
+@_handle_errors
+def tasks(tasks_dir: TasksDirOpt = None, as_json: JsonOpt = False) -> None:
+    """List the tasks: built-ins plus those in the tasks folder (with --json: their input/output schemas)."""
+    registry = _registry(tasks_dir)
+    if as_json:
+        _dump(registry.list())
+        return
+    for spec in registry:
+        print(f"{spec.name}\t{spec.kind}\t{spec.description}")
+
+
+@app.command("eval")
+@_handle_errors
+def eval_task(
+    task: Annotated[str, typer.Argument(help="the task's name, e.g. sentiment, sentiment3, intent, ner, keywords")],
+    data: Annotated[Path, typer.Option("--data", "-d", help="JSONL with 'text' and 'label' / 'entities' / 'keywords'")],
+    limit: Annotated[Optional[int], typer.Option(help="only the first N rows")] = None,
+    labels: Annotated[Optional[str], typer.Option(help="classify: the label set, comma-separated or a file (default: the task's, else the data's)")] = None,
+    types: Annotated[Optional[str], typer.Option(help="span tasks: the types, comma-separated (default: the data's)")] = None,
+    lang: Annotated[Optional[str], typer.Option(help="prompt language: auto, en, zh ...")] = None,
+    calibrate: Annotated[Optional[bool], typer.Option("--calibrate/--no-calibrate", help="classify: contextual calibration")] = None,
+    inject: Annotated[Optional[str], typer.Option(help="classify: also measure the flip rate with this text appended")] = None,
+    param: Annotated[Optional[list[str]], typer.Option("--param", "-p", help="any other task parameter, KEY=VALUE")] = None,
+    markdown: Annotated[bool, typer.Option("--markdown", help="print the report as a markdown table")] = False,
+    tasks_dir: TasksDirOpt = None,
+    model: ModelOpt = "embedded", backend: BackendOpt = "auto", as_json: JsonOpt = False,
+) -> None:
+    """Score a task on a labelled file: accuracy and macro-F1 (classify), span P/R/F1 (NER), F1@10 (keywords)."""
+    from .eval import load_jsonl
+    from .eval.runner import evaluate, metric_kind, read_labels, to_markdown
+
+    spec = _registry(tasks_dir).get(task)
+    rows = load_jsonl(data, require=("text",))
     if not rows:
         raise InvalidInputError(f"{data} has no rows")
-    ai = _load(model, backend)
-    gold, pred, seconds = [], [], []
-    for row in tqdm(rows, desc="sentiment", unit="item", file=sys.stderr, disable=None):
-        start = time.perf_counter()
-        result = ai.sentiment(row["text"])
-        seconds.append(time.perf_counter() - start)
-        gold.append(str(row["label"]))
-        pred.append(result.label)
-    report = classification_report(gold, pred, labels=SENTIMENT.labels)
-    seconds.sort()
-    summary = {
-        "task": "sentiment", "data": str(data), "model": ai.model_id, "backend": ai.backend_name,
-        "n": report.n, "accuracy": round(report.accuracy, 4), "macro_f1": round(report.macro_f1, 4),
-        "ms_per_item": round(1000 * sum(seconds) / len(seconds), 1),
-        "p50_ms": round(1000 * seconds[len(seconds) // 2], 1),
-        "p95_ms": round(1000 * seconds[min(len(seconds) - 1, int(0.95 * len(seconds)))], 1),
-        "load_seconds": round(ai.load_seconds, 2),
-        "confusion": report.confusion,
-    }
+    metric_kind(spec, rows[0])  # fail on a task/data mismatch before the model loads
+    params = {**_params(param), "lang": lang, "calibrate": calibrate}
+    params = {k: v for k, v in params.items() if v is not None}
+    ai = _load(model, backend, tasks_dir=tasks_dir)
+    ai.engine.timeout = None  # an evaluation waits for every item, however busy the machine
+    report = evaluate(ai, task, data, limit=limit, labels=read_labels(labels), types=_names(types),
+                      params=params, inject=inject, all_rows=rows)
     if as_json:
-        _dump(summary)
+        _dump({k: v for k, v in report.items() if not k.startswith("_")})
         return
-    print(f"{summary['model']} on {summary['backend']}: {data} ({report.n} items)")
-    print(f"accuracy {report.accuracy:.4f}   macro-F1 {report.macro_f1:.4f}")
-    print(f"{summary['ms_per_item']} ms/item (p50 {summary['p50_ms']} ms, p95 {summary['p95_ms']} ms)")
-    print(report.confusion_table())
+    if markdown:
+        print(to_markdown(report))
+        return
+    print(f"{report['model']} on {report['backend']}: {data} ({report['n']} items)")
+    if "accuracy" in report:
+        print(f"accuracy {report['accuracy']:.4f}   macro-F1 {report['macro_f1']:.4f}")
+        if "flip_rate" in report:
+            extra = f", to '{report['inject_target']}' {report['flip_to_target_rate']:.4f}" if "inject_target" in report else ""
+            print(f"flip rate under injection {report['flip_rate']:.4f}{extra}")
+    elif "f1_at_10" in report:
+        print(f"F1@10 {report['f1_at_10']:.4f}   P@10 {report['precision_at_10']:.4f}   R@10 {report['recall_at_10']:.4f}")
+    else:
+        print(f"precision {report['precision']:.4f}   recall {report['recall']:.4f}   F1 {report['f1']:.4f}"
+              f"   (dropped {report['dropped']} spans not in the text)")
+    print(f"{report['ms_per_item']} ms/item (p50 {report['p50_ms']} ms, p95 {report['p95_ms']} ms)")
+    print(to_markdown(report).split("\n\n", 1)[-1] if "\n\n" in to_markdown(report) else "")
+
+
+@app.command()
+@_handle_errors
+def serve(
+    host: Annotated[Optional[str], typer.Option(help="address to listen on (default 127.0.0.1)")] = None,
+    port: Annotated[Optional[int], typer.Option(help="port (default 8000)")] = None,
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help="embedded, embedded-1.5b, a .gguf, an HF folder or a Hub id")] = None,
+    backend: Annotated[Optional[str], typer.Option("--backend", "-b", help="auto, llamacpp or transformers")] = None,
+    db_path: Annotated[Optional[Path], typer.Option(help="SQLite file for stored conversations")] = None,
+    max_queue: Annotated[Optional[int], typer.Option(help="requests waiting at once; more get 503")] = None,
+    request_timeout: Annotated[Optional[float], typer.Option(help="seconds per request, queue wait included")] = None,
+    api_key: Annotated[Optional[list[str]], typer.Option(help="require 'Authorization: Bearer KEY' (repeatable); prefer ALLINONE_API_KEYS, command lines are visible to other users")] = None,
+    cors_origin: Annotated[Optional[list[str]], typer.Option(help="allow this CORS origin (repeatable); none by default")] = None,
+    ui: Annotated[Optional[bool], typer.Option("--ui/--no-ui", help="mount the web chat UI at /ui (default on)")] = None,
+    log_level: Annotated[str, typer.Option(help="uvicorn log level")] = "info",
+) -> None:
+    """Start the HTTP server: task routes, OpenAI-compatible /v1/chat/completions, the web UI at /ui.
+
+    Flags override ALLINONE_* environment variables. The model loads in the background:
+    GET /health answers 503 until it is ready.
+    """
+    import uvicorn
+
+    from .server import create_app
+    from .settings import Settings
+
+    given = {"host": host, "port": port, "model": model, "backend": backend, "db_path": db_path,
+             "max_queue": max_queue, "request_timeout": request_timeout, "api_keys": api_key or None,
+             "cors_origins": cors_origin or None, "ui": ui}
+    settings = Settings(**{k: v for k, v in given.items() if v is not None})
+    application = create_app(settings)
+    shown = "localhost" if settings.host in {"127.0.0.1", "0.0.0.0", "::"} else settings.host
+    err.print(f"allinone: http://{shown}:{settings.port}/  (API /v1, docs /docs"
+              f"{', UI /ui' if settings.ui else ''}); loading {settings.model} in the background")
+    uvicorn.run(application, host=settings.host, port=settings.port, log_level=log_level,
+                timeout_graceful_shutdown=5)
 
 
 def main() -> None:  # pragma: no cover

@@ -83,12 +83,55 @@ class ChatChunk(_Result):
 
 
 @dataclass(frozen=True)
-class AnalyzeResult(_Result):
-    """The original demo: the sentiment of the user's message plus a chat reply."""
+class ExtractResult(_Result):
+    """Structured output of an ``extract`` task, always valid under the task's output schema.
 
-    sentiment: ClassifyResult
-    reply: ChatResult
-    extra: dict[str, Any] = field(default_factory=dict)
+    ``data`` is the JSON object (for span tasks such as NER every span has ``start``/``end``
+    character offsets with ``text[start:end] == span text``). ``dropped`` counts spans the model
+    gave that do not occur in the input (they are removed). ``finish_reason`` is ``length`` when
+    generation hit ``max_tokens``: ``data`` then keeps only the items completed before the cut.
+    ``repaired`` says the model's JSON was not used as it came (cut off, or replaced by the
+    smallest valid value when nothing usable was left).
+    """
+
+    data: dict[str, Any]
+    finish_reason: FinishReason
+    usage: Usage
+    dropped: int = 0
+    truncated: bool = False
+    repaired: bool = False
 
     def to_dict(self) -> dict[str, Any]:
-        return {"sentiment": self.sentiment.to_dict(), "reply": self.reply.to_dict(), **self.extra}
+        return {
+            "data": self.data,
+            "dropped": self.dropped,
+            "finish_reason": self.finish_reason,
+            "repaired": self.repaired,
+            "truncated": self.truncated,
+            "usage": self.usage.to_dict(),
+        }
+
+
+# What ``AllInOne.run`` returns, by task kind: classify, extract, generate.
+TaskResult = ClassifyResult | ExtractResult | ChatResult
+
+
+@dataclass(frozen=True)
+class AnalyzeResult(_Result):
+    """The original demo (the sentiment of the user's message plus a chat reply), or with
+    ``tasks=[...]`` one result per task in ``results`` (name -> result)."""
+
+    sentiment: ClassifyResult | None = None
+    reply: ChatResult | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+    results: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        if self.sentiment is not None:
+            out["sentiment"] = self.sentiment.to_dict()
+        if self.reply is not None:
+            out["reply"] = self.reply.to_dict()
+        if self.results:
+            out["results"] = {name: r.to_dict() for name, r in self.results.items()}
+        return {**out, **self.extra}

@@ -29,6 +29,9 @@ class Settings(BaseSettings):
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="transformers weights dtype")
     cache_dir: Path | None = Field(None, description="where assembled/converted models are kept")
 
+    # tasks
+    tasks_dir: Path | None = Field(None, description="a folder of task declarations (*.toml) added to the built-ins")
+
     # limits
     max_input_tokens: int = Field(1024, ge=16, description="classification input budget in tokens; longer text is cut")
     max_input_chars: int = Field(100_000, ge=1, description="longest accepted text, in characters")

@@ -139,20 +139,30 @@ class Backend(abc.ABC):
         """
 
     @abc.abstractmethod
-    def generate(self, prompt_ids: Sequence[int], sampling: SamplingParams) -> Iterator[int]:
+    def generate(self, prompt_ids: Sequence[int], sampling: SamplingParams, *,
+                 json_schema: dict | None = None) -> Iterator[int]:
         """Sample token ids one at a time after ``prompt_ids``.
 
         The stream is open-ended: it yields end tokens too and only returns on its own when the
         context window is full. :func:`stream_text` applies ``max_tokens``, end tokens and stop
         strings; closing the generator stops the work.
+
+        With ``json_schema`` (the subset of :mod:`allinone.tasks.schema`, compact JSON without
+        free whitespace where the decoder allows), only tokens that keep the output a prefix of
+        a JSON document valid under the schema can be sampled, and an end token only once it is
+        complete. Cut off by ``max_tokens``, the text is still such a prefix.
         """
 
     def close(self) -> None:  # pragma: no cover - trivial
         """Release the model's memory."""
 
 
-def stream_text(backend: Backend, prompt_ids: Sequence[int], sampling: SamplingParams) -> Iterator[TextDelta]:
+def stream_text(backend: Backend, prompt_ids: Sequence[int], sampling: SamplingParams, *,
+                json_schema: dict | None = None) -> Iterator[TextDelta]:
     """Generate a reply and yield it as UTF-8-safe text deltas, ending with the finish reason.
+
+    ``json_schema`` constrains decoding (see :meth:`Backend.generate`); it is passed on only when
+    given, so backends written before it existed keep working for free text.
 
     Text is only emitted once it decodes without a trailing replacement character, so a
     multi-byte character (CJK, emoji) split across tokens is never cut in half. Stop strings are
@@ -165,7 +175,10 @@ def stream_text(backend: Backend, prompt_ids: Sequence[int], sampling: SamplingP
     ids: list[int] = []
     emitted = 0  # characters of the decoded text already yielded
     finish = "length"
-    gen = backend.generate(prompt_ids, sampling)
+    if json_schema is None:
+        gen = backend.generate(prompt_ids, sampling)
+    else:
+        gen = backend.generate(prompt_ids, sampling, json_schema=json_schema)
     holdback = max((len(s) for s in sampling.stop), default=1) - 1
     text = ""
     try:

@@ -8,16 +8,23 @@ recomputed when the next request shares them.
 
 from __future__ import annotations
 
+import json
 import os
 import random
+import re
+import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import BackendUnavailableError, InvalidInputError
+from . import constrained
 from .base import Backend, SamplingParams
 from .chat_template import ChatTemplate
+
+_CHAR_RULE = re.compile(r"^char ::= .*$", re.MULTILINE)
+_STRICT_CHAR_RULE = r'char ::= [^"\\\x7F\x00-\x1F] | "\\" (["\\/bfnrt] | "u" [0-9a-fA-F]{4})'
 
 # Control tokens that also end a reply when the model emits them (a new turn means the reply is over).
 _TURN_TOKENS = ("<|im_end|>", "<|endoftext|>", "<|im_start|>", "<|eot_id|>", "<end_of_turn>")
@@ -57,6 +64,11 @@ class LlamaCppBackend(Backend):
         except (ValueError, RuntimeError) as exc:
             raise BackendUnavailableError(f"llama.cpp could not load {gguf_path}: {exc}") from exc
         self.model_id = model_id or Path(gguf_path).stem
+        self._grammars: dict[str, object] = {}
+        #: "llguidance" (token mask from llguidance, when installed) or "gbnf" (llama.cpp grammar
+        #: from llama-cpp-python's JSON-schema converter); the mask is much cheaper per token
+        self.constrain_with = "llguidance" if constrained.available() else "gbnf"
+        self._constrainer = None
         self.n_ctx = self.llm.n_ctx()
         self._n_vocab = self.llm.n_vocab()
         meta = self.llm.metadata
@@ -126,15 +138,21 @@ class LlamaCppBackend(Backend):
             out.append(total)
         return out
 
-    def generate(self, prompt_ids: Sequence[int], sampling: SamplingParams) -> Iterator[int]:
+    def generate(self, prompt_ids: Sequence[int], sampling: SamplingParams, *,
+                 json_schema: dict | None = None) -> Iterator[int]:
         prompt = list(prompt_ids)
         if len(prompt) >= self.n_ctx:
             raise InvalidInputError(f"prompt of {len(prompt)} tokens does not fit the context of {self.n_ctx}")
+        if json_schema is not None and self.constrain_with == "llguidance":
+            yield from self._generate_llguidance(prompt, sampling, json_schema)
+            return
+        grammar = self._grammar(json_schema) if json_schema is not None else None
         self.llm.set_seed(sampling.seed if sampling.seed is not None else random.getrandbits(31))
         stream = self.llm.generate(
             prompt,
             temp=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k or self._n_vocab,
             min_p=0.0, typical_p=1.0, repeat_penalty=sampling.repetition_penalty, reset=True,
+            grammar=grammar,
         )
         try:
             for tok in stream:
@@ -145,8 +163,86 @@ class LlamaCppBackend(Backend):
         finally:
             stream.close()
 
+    def _generate_llguidance(self, prompt: list[int], sampling: SamplingParams, schema: dict) -> Iterator[int]:
+        """Constrained decoding with llguidance's token mask on the logits; sampling in numpy
+        with the same rules as the transformers backend."""
+        if self._constrainer is None:
+            import llguidance.llamacpp
+
+            vocab = self.llm._model.vocab
+
+            def make_tokenizer():
+                # llguidance's helper calls a llama-cpp-python function that warns it is
+                # deprecated, once per token: keep those 150k warnings out of the caller's log.
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", DeprecationWarning)
+                    return llguidance.llamacpp.lltokenizer_from_vocab(
+                        vocab, n_vocab=self._n_vocab, eos_token=sorted(self.eos_token_ids))
+
+            self._constrainer = constrained.JsonConstrainer(make_tokenizer)
+        matcher = self._constrainer.matcher(schema)
+        rng = np.random.default_rng(sampling.seed)
+        ids = list(prompt)
+        logits = self._eval_to(ids)
+        while True:
+            allowed = constrained.allowed_tokens(matcher, self._n_vocab)
+            tok = _sample(np.where(allowed, logits, -np.inf), sampling, ids, rng)
+            if tok not in self.eos_token_ids and not matcher.consume_token(tok):
+                raise RuntimeError(f"constrained decoding failed: {matcher.get_error()}")  # pragma: no cover
+            yield tok
+            if len(ids) + 1 >= self.n_ctx:
+                return
+            ids.append(tok)
+            logits = self._eval_to(ids)
+
+    def _grammar(self, schema: dict):
+        """A GBNF grammar for ``schema`` (llama.cpp's JSON-schema converter), cached by schema."""
+        key = json.dumps(schema, sort_keys=True)
+        grammar = self._grammars.get(key)
+        if grammar is None:
+            from llama_cpp.llama_grammar import json_schema_to_gbnf
+
+            try:
+                gbnf = json_schema_to_gbnf(key)
+            except Exception as exc:  # the converter raises plain exceptions on schemas it cannot do
+                raise InvalidInputError(f"cannot turn this JSON schema into a grammar: {exc}") from exc
+            # The converter's string character rule lets raw control characters (e.g. a newline)
+            # into strings, which strict JSON forbids; use the rule of llama.cpp's own converter.
+            gbnf = _CHAR_RULE.sub(lambda _: _STRICT_CHAR_RULE, gbnf)
+            grammar = self._lib.LlamaGrammar.from_string(gbnf, verbose=False)
+            if len(self._grammars) >= 32:
+                self._grammars.pop(next(iter(self._grammars)))
+            self._grammars[key] = grammar
+        return grammar
+
     def close(self) -> None:
         self.llm.close()
+
+
+def _sample(logits: np.ndarray, sampling: SamplingParams, history: list[int], rng: np.random.Generator) -> int:
+    """Repetition penalty, then greedy or temperature/top-k/top-p sampling (numpy)."""
+    logits = logits.astype(np.float64)
+    if sampling.repetition_penalty != 1.0 and history:
+        seen = np.array(sorted(set(history[-64:])), dtype=np.int64)
+        vals = logits[seen]
+        logits[seen] = np.where(vals > 0, vals / sampling.repetition_penalty, vals * sampling.repetition_penalty)
+    if sampling.greedy:
+        return int(np.argmax(logits))
+    logits = logits / sampling.temperature
+    if sampling.top_k and sampling.top_k < logits.size:
+        kth = np.partition(logits, -sampling.top_k)[-sampling.top_k]
+        logits[logits < kth] = -np.inf
+    probs = np.exp(logits - np.max(logits))
+    probs /= probs.sum()
+    if sampling.top_p < 1.0:
+        order = np.argsort(-probs)
+        sorted_p = probs[order]
+        keep = np.cumsum(sorted_p) - sorted_p < sampling.top_p
+        mask = np.zeros_like(probs, dtype=bool)
+        mask[order[keep]] = True
+        probs = np.where(mask, probs, 0.0)
+        probs /= probs.sum()
+    return int(rng.choice(probs.size, p=probs))
 
 
 def _log_softmax(logits: np.ndarray) -> np.ndarray:

@@ -13,6 +13,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from ..errors import BackendUnavailableError, InvalidInputError
+from . import constrained
 from .base import Backend, SamplingParams
 from .chat_template import ChatTemplate
 
@@ -139,19 +140,49 @@ class TransformersBackend(Backend):
             out.append(total)
         return out
 
-    def generate(self, prompt_ids: Sequence[int], sampling: SamplingParams) -> Iterator[int]:
+    def generate(self, prompt_ids: Sequence[int], sampling: SamplingParams, *,
+                 json_schema: dict | None = None) -> Iterator[int]:
         torch = self._torch
         ids = list(prompt_ids)
+        if len(ids) >= self.n_ctx:
+            raise InvalidInputError(f"prompt of {len(ids)} tokens does not fit the context of {self.n_ctx}")
+        matcher = self._matcher(json_schema) if json_schema is not None else None
         rng = torch.Generator()
         rng.manual_seed(sampling.seed if sampling.seed is not None else int(torch.randint(0, 2**31 - 1, ()).item()))
         logits = self._forward_to(ids)
         while True:
+            if matcher is not None:
+                logits = self._apply_mask(logits, matcher)
             tok = _sample(torch, logits, sampling, ids, rng)
+            if matcher is not None and tok not in self.eos_token_ids and not matcher.consume_token(tok):
+                raise RuntimeError(f"constrained decoding failed: {matcher.get_error()}")  # pragma: no cover
             yield tok
             if len(ids) + 1 >= self.n_ctx:
                 return
             ids.append(tok)
             logits = self._forward_to(ids)
+
+    # -- constrained decoding (llguidance, see .constrained) --------------------------------
+    def _matcher(self, schema: dict):
+        if getattr(self, "_constrainer", None) is None:
+            if not constrained.available():  # pragma: no cover - depends on the install
+                raise BackendUnavailableError(
+                    "JSON-constrained decoding on the transformers backend needs llguidance: "
+                    "pip install 'allinone[transformers]'"
+                )
+            import llguidance.hf
+
+            n_vocab = max(len(self.tokenizer), int(getattr(self.model.config, "vocab_size", 0) or 0))
+            self._constrainer = constrained.JsonConstrainer(
+                lambda: llguidance.hf.from_tokenizer(self.tokenizer, n_vocab=n_vocab, eos_token=sorted(self.eos_token_ids))
+            )
+        return self._constrainer.matcher(schema)
+
+    def _apply_mask(self, logits, matcher):
+        """``logits`` with every token the grammar forbids set to -inf."""
+        torch = self._torch
+        allowed = torch.from_numpy(constrained.allowed_tokens(matcher, logits.shape[-1]))
+        return torch.where(allowed, logits, torch.full_like(logits, float("-inf")))
 
     def close(self) -> None:
         self._cache = None

@@ -8,6 +8,7 @@ normalized over the label set. Labels that span several tokens are scored token 
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -29,6 +30,11 @@ class ClassifyTask:
         template: the user message; ``{text}`` is replaced by the input.
         verbalizers: label -> the strings the model may answer for it (first one is canonical).
         answer_prefix: text the assistant's answer starts with, before the label.
+        examples: few-shot (input text, answer) pairs, rendered as earlier turns.
+        calibrate: contextual calibration (Zhao et al. 2021, "Calibrate Before Use"): divide
+            each label's probability by its probability for content-free inputs, renormalize.
+        delimiters: strings (e.g. ``</text>``) broken up inside the input text so it cannot
+            close its own delimiting.
     """
 
     name: str
@@ -36,17 +42,29 @@ class ClassifyTask:
     template: str
     verbalizers: dict[str, tuple[str, ...]]
     answer_prefix: str = ""
+    examples: tuple[tuple[str, str], ...] = ()
+    calibrate: bool = False
+    delimiters: tuple[str, ...] = ()
     _label_ids: dict = field(default_factory=dict, compare=False, repr=False)
+    _prior: dict = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def labels(self) -> tuple[str, ...]:
         return tuple(self.verbalizers)
 
     def messages(self, text: str) -> list[dict[str, str]]:
-        return [
-            {"role": "system", "content": self.system},
-            {"role": "user", "content": self.template.replace("{text}", text)},
-        ]
+        """System prompt, few-shot turns (``examples``: input text, answer), then the input."""
+        msgs = [{"role": "system", "content": self.system}]
+        for example, answer in self.examples:
+            msgs.append({"role": "user", "content": self.render(example)})
+            msgs.append({"role": "assistant", "content": answer})
+        msgs.append({"role": "user", "content": self.render(text)})
+        return msgs
+
+    def render(self, text: str) -> str:
+        """The user message for ``text``: ``{text}`` is the text with any delimiter inside it
+        neutralized; ``{text_json}`` is the text as a JSON string literal (quoted, escaped)."""
+        return render_text(self.template, text, self.delimiters)
 
     def continuations(self, backend: "Backend") -> list[tuple[str, list[int]]]:
         """(label, token ids) for every verbalizer; cached per backend."""
@@ -89,6 +107,18 @@ def classify(backend: "Backend", task: ClassifyTask, text: str, *, max_input_tok
         InvalidInputError: empty text.
     """
     text, truncated = prepare_text(backend, text, max_input_tokens)
+    scores = label_probs(backend, task, text)
+    if task.calibrate:
+        prior = content_free_prior(backend, task)
+        scores = {label: p / max(prior[label], 1e-6) for label, p in scores.items()}
+        total = sum(scores.values())
+        scores = {label: p / total for label, p in scores.items()}
+    label = max(scores, key=scores.__getitem__)
+    return ClassifyResult(label=label, scores=scores, truncated=truncated)
+
+
+def label_probs(backend: "Backend", task: ClassifyTask, text: str) -> dict[str, float]:
+    """Label -> probability (verbalizers summed, normalized over the label set) for ``text``."""
     prefix = backend.render_chat(task.messages(text), add_generation_prompt=True)
     pairs = task.continuations(backend)
     logps = backend.score(prefix, [ids for _, ids in pairs])
@@ -97,6 +127,34 @@ def classify(backend: "Backend", task: ClassifyTask, text: str, *, max_input_tok
     for (label, _), lp in zip(pairs, logps):
         mass[label] += math.exp(lp - top)
     total = sum(mass.values())
-    scores = {label: m / total for label, m in mass.items()}
-    label = max(scores, key=scores.__getitem__)
-    return ClassifyResult(label=label, scores=scores, truncated=truncated)
+    return {label: m / total for label, m in mass.items()}
+
+
+#: Content-free inputs of Zhao et al. (2021), section 5.
+CONTENT_FREE = ("N/A", "", "[MASK]")
+
+
+def content_free_prior(backend: "Backend", task: ClassifyTask) -> dict[str, float]:
+    """The mean label distribution over :data:`CONTENT_FREE` inputs; cached per backend."""
+    key = id(backend)
+    if key not in task._prior:
+        runs = [label_probs(backend, task, cf) for cf in CONTENT_FREE]
+        task._prior.clear()
+        task._prior[key] = {label: sum(r[label] for r in runs) / len(runs) for label in task.labels}
+    return task._prior[key]
+
+
+def render_text(template: str, text: str, delimiters: tuple[str, ...]) -> str:
+    """Put ``text`` into ``template`` at ``{text}`` (delimiters neutralized) or ``{text_json}``."""
+    if "{text_json}" in template:
+        return template.replace("{text_json}", json.dumps(text, ensure_ascii=False))
+    return template.replace("{text}", neutralize(text, delimiters))
+
+
+def neutralize(text: str, delimiters: tuple[str, ...]) -> str:
+    """Break every occurrence of each delimiter in ``text`` with a zero-width space after its
+    first character, so user text cannot close (or reopen) the block it is quoted in."""
+    for d in delimiters:
+        if d in text:
+            text = text.replace(d, d[0] + "\u200b" + d[1:])
+    return text

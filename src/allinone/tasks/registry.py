@@ -1,0 +1,131 @@
+"""The task registry: built-in declarations, a user's tasks folder, and tasks registered in Python.
+
+>>> reg = TaskRegistry()                      # the built-ins
+>>> reg.load_dir("my_tasks")                  # every *.toml in a folder (or Settings.tasks_dir)
+>>> reg.register({"name": "urgency", "kind": "classify", ...})
+>>> [t["name"] for t in reg.list()]           # name, kind, description, input/output JSON schema
+
+A later declaration with the same name replaces the earlier one (a user's ``sentiment.toml``
+overrides the built-in), except that two files of one folder may not declare the same name.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator, Mapping
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from ..errors import UnknownTaskError
+from .runner import input_schema, output_schema
+from .spec import TaskDeclarationError, TaskSpec, load_spec, parse_spec
+
+BUILTIN_TASKS = ("sentiment", "sentiment3", "intent", "ner", "keywords", "chat")
+
+
+def builtin_specs() -> list[TaskSpec]:
+    """The declarations shipped inside the package (``allinone/tasks/*.toml``)."""
+    folder = resources.files(__package__)
+    return [load_spec(Path(str(folder / f"{name}.toml"))) for name in BUILTIN_TASKS]
+
+
+class TaskRegistry:
+    """Task declarations by name. Thread-safe for reads and registration."""
+
+    def __init__(self, *, builtins: bool = True, tasks_dir: str | Path | None = None) -> None:
+        self._specs: dict[str, TaskSpec] = {}
+        self._lock = threading.Lock()
+        if builtins:
+            for spec in builtin_specs():
+                self._specs[spec.name] = spec
+        if tasks_dir is not None:
+            self.load_dir(tasks_dir)
+
+    def register(self, spec: TaskSpec | Mapping[str, Any] | str | Path) -> TaskSpec:
+        """Add (or replace) a task.
+
+        Args:
+            spec: a :class:`TaskSpec`, a mapping with the declaration's fields, or a path to a
+                ``.toml`` file.
+
+        Raises:
+            TaskDeclarationError: the declaration is invalid (the message names the field).
+        """
+        if isinstance(spec, (str, Path)):
+            spec = load_spec(spec)
+        elif isinstance(spec, Mapping):
+            spec = parse_spec(dict(spec))
+        elif not isinstance(spec, TaskSpec):
+            raise TaskDeclarationError("register() takes a TaskSpec, a mapping or a path to a .toml file")
+        with self._lock:
+            self._specs[spec.name] = spec
+        return spec
+
+    def load_dir(self, folder: str | Path) -> list[TaskSpec]:
+        """Register every ``*.toml`` file in ``folder`` (not recursive).
+
+        Raises:
+            TaskDeclarationError: the folder is missing, or any file is invalid (all problems of
+                all files are reported together), or two files declare the same name.
+        """
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise TaskDeclarationError(f"tasks folder not found: {folder}")
+        specs, problems = [], []
+        for path in sorted(folder.glob("*.toml")):
+            try:
+                specs.append(load_spec(path))
+            except TaskDeclarationError as exc:
+                problems.append(exc.message)
+        names: dict[str, str] = {}
+        for spec in specs:
+            if spec.name in names:
+                problems.append(f"{spec.source}: name {spec.name!r} is already declared in {names[spec.name]}")
+            names[spec.name] = spec.source
+        if problems:
+            raise TaskDeclarationError("\n".join(problems))
+        with self._lock:
+            for spec in specs:
+                self._specs[spec.name] = spec
+        return specs
+
+    def get(self, name: str) -> TaskSpec:
+        """Raises: UnknownTaskError (404), naming the tasks there are."""
+        spec = self._specs.get(name)
+        if spec is None:
+            raise UnknownTaskError(f"unknown task {name!r}; available: {', '.join(sorted(self._specs))}", param="task")
+        return spec
+
+    def names(self) -> list[str]:
+        return sorted(self._specs)
+
+    def describe(self, name: str) -> dict[str, Any]:
+        """Name, kind, description, languages, labels/types, and the input and output JSON schemas."""
+        spec = self.get(name)
+        out: dict[str, Any] = {
+            "name": spec.name,
+            "kind": spec.kind,
+            "description": spec.description,
+            "languages": spec.languages(),
+            "input_schema": input_schema(spec),
+            "output_schema": output_schema(spec),
+        }
+        if spec.kind == "classify":
+            out["labels"] = [lab.name for lab in spec.labels]
+        if spec.spans is not None:
+            out["types"] = list(spec.spans.types)
+        return out
+
+    def list(self) -> list[dict[str, Any]]:
+        """:meth:`describe` of every task, sorted by name."""
+        return [self.describe(name) for name in self.names()]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._specs
+
+    def __iter__(self) -> Iterator[TaskSpec]:
+        return iter([self._specs[n] for n in self.names()])
+
+    def __len__(self) -> int:
+        return len(self._specs)
