@@ -64,3 +64,10 @@ def test_sampling_params_validate(bad):
 
 def test_single_stop_string_is_accepted():
     assert SamplingParams(stop="END").stop == ("END",)
+
+
+def test_a_character_cut_by_max_tokens_is_dropped_not_garbled():
+    # "你" is 3 bytes = 3 tokens in the fake; max_tokens=4 cuts the second character
+    deltas = run(FakeBackend("你好", end=False), max_tokens=4)
+    assert "".join(d.text for d in deltas) == "你"
+    assert deltas[-1].finish_reason == "length"

@@ -205,7 +205,11 @@ def stream_text(backend: Backend, prompt_ids: Sequence[int], sampling: SamplingP
                 emitted = safe
     finally:
         gen.close()
-    yield TextDelta(text[emitted:], finish_reason=finish, completion_tokens=len(ids), token_ids=list(ids))
+    tail = text[emitted:]
+    if finish == "length":
+        # max_tokens may cut a multi-byte character in half: drop the partial character.
+        tail = tail.rstrip("\ufffd")
+    yield TextDelta(tail, finish_reason=finish, completion_tokens=len(ids), token_ids=list(ids))
 
 
 def _find_stop(text: str, stops: Sequence[str], start: int) -> int | None:
