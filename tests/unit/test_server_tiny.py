@@ -75,3 +75,39 @@ def test_stream_of_chinese_and_emoji_joins_to_the_plain_answer(tiny):
     assert streamed == plain["choices"][0]["message"]["content"]
     assert chunks[-1]["choices"][0]["finish_reason"] == plain["choices"][0]["finish_reason"]
     assert plain["usage"]["completion_tokens"] >= 1
+
+
+def test_every_declared_task_is_listed_and_runs_over_http(tiny, tmp_path):
+    client, ai = tiny
+    listed = client.get("/v1/tasks").json()["data"]
+    names = {t["name"] for t in listed}
+    assert {"sentiment", "sentiment3", "intent", "ner", "keywords"} <= names
+    assert all("input_schema" in t and "output_schema" in t for t in listed)
+    ai.register_task({
+        "name": "urgency", "kind": "classify", "description": "triage",
+        "instructions": {"en": "Answer with one word: {labels}."},
+        "labels": [{"name": "urgent", "verbalizers": ["urgent"]}, {"name": "normal", "verbalizers": ["normal"]}],
+    })
+    r = client.post("/v1/tasks/urgency", json={"text": "the site is down"})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["task"] == "urgency" and body["label"] in {"urgent", "normal"}
+    assert sum(body["scores"].values()) == pytest.approx(1.0)
+    # the built-in NER prompt (few-shot) does not fit this tiny 512-token context: a clear 400
+    ner = client.post("/v1/tasks/ner", json={"text": "Alice works at Acme in Paris."})
+    assert ner.status_code == 400 and "context window" in ner.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("path,body,status", [
+    ("/v1/tasks/no-such-task", {"text": "x"}, 404),
+    ("/v1/tasks/intent", {"text": "   "}, 400),
+    ("/v1/tasks/intent", {"txt": "hello"}, 400),
+    ("/v1/tasks/intent", {"text": "hello", "bogus": 1}, 400),
+    ("/v1/tasks/intent", ["text"], 400),
+])
+def test_generic_task_route_rejects_bad_requests(tiny, path, body, status):
+    client, _ = tiny
+    r = client.post(path, json=body)
+    assert r.status_code == status, r.text
+    assert "error" in r.json() and r.json()["error"]["message"]
+    assert client.get("/health").status_code == 200

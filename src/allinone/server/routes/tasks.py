@@ -1,4 +1,5 @@
-"""Task routes: ``/v1/tasks/sentiment``, ``/v1/tasks/analyze``, ``/v1/tasks/chat``, ``/v1/tokenize``.
+"""Task routes: ``/v1/tasks/sentiment``, ``/v1/tasks/analyze``, ``/v1/tasks/chat``, ``/v1/tokenize``,
+and every declared task at ``POST /v1/tasks/{name}`` (listed at ``GET /v1/tasks``).
 
 ``analyze`` and ``chat`` take an optional ``session_id``: the session's recent history is sent
 to the model with the new message, and the message and the reply are stored afterwards (only
@@ -9,8 +10,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Body, Depends, Request
 
+from ...errors import InvalidInputError
 from ...results import ChatResult, ClassifyResult
 from ..deps import admitted, blocking, server_state
 from ..schemas import ChatTaskRequest, TextRequest
@@ -81,6 +83,36 @@ async def tokenize(body: TextRequest, request: Request) -> dict[str, Any]:
     async with admitted(server):
         ids = await blocking(ai.tokenize, body.text)
     return {"object": "tokens", "model": ai.model_id, "tokens": ids, "count": len(ids)}
+
+
+@router.get("/tasks")
+async def list_tasks(request: Request) -> dict[str, Any]:
+    """Every task: ``{"object": "list", "data": [{"name", "kind", "description", "input_schema",
+    "output_schema", ...}]}``."""
+    ai = server_state(request).require_ai()
+    return {"object": "list", "data": ai.tasks.list()}
+
+
+# Declared after the fixed routes above, so sentiment/analyze/chat keep their own handlers.
+@router.post("/tasks/{name}")
+async def run_task(name: str, request: Request, body: dict[str, Any] = Body(...)) -> dict[str, Any]:
+    """Run the declared task ``name`` on ``body["text"]``; the other keys are the task's
+    parameters (see its ``input_schema`` at ``GET /v1/tasks``).
+
+    Returns ``{"object": "task.result", "task", "model", ...}`` with the result's fields
+    (classify: label, scores; extract: data, dropped, ...; generate: text, finish_reason, usage).
+    404 for an unknown task, 400 for bad text or parameters.
+    """
+    server = server_state(request)
+    ai = server.require_ai()
+    ai.tasks.get(name)  # 404 before anything else
+    params = dict(body)
+    text = params.pop("text", None)
+    if not isinstance(text, str):
+        raise InvalidInputError("the body needs a 'text' string", param="text")
+    async with admitted(server):
+        result = await blocking(lambda: ai.run(name, text, **params))
+    return {"object": "task.result", "task": name, "model": ai.model_id, **result.to_dict()}
 
 
 async def _history(server: ServerState, session_id: str | None) -> list[dict[str, str]]:
