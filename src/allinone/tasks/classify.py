@@ -54,12 +54,7 @@ class ClassifyTask:
 
     def messages(self, text: str) -> list[dict[str, str]]:
         """System prompt, few-shot turns (``examples``: input text, answer), then the input."""
-        msgs = [{"role": "system", "content": self.system}]
-        for example, answer in self.examples:
-            msgs.append({"role": "user", "content": self.render(example)})
-            msgs.append({"role": "assistant", "content": answer})
-        msgs.append({"role": "user", "content": self.render(text)})
-        return msgs
+        return few_shot_messages(self.system, self.examples, self.render, text)
 
     def render(self, text: str) -> str:
         """The user message for ``text``: ``{text}`` is the text with any delimiter inside it
@@ -158,3 +153,14 @@ def neutralize(text: str, delimiters: tuple[str, ...]) -> str:
         if d in text:
             text = text.replace(d, d[0] + "\u200b" + d[1:])
     return text
+
+
+def few_shot_messages(system: str, examples, render, text: str) -> list[dict[str, str]]:
+    """``[system, (user example, assistant answer)*, user text]`` with each user turn rendered
+    by ``render``; shared by every task kind that prompts with few-shot turns."""
+    msgs = [{"role": "system", "content": system}]
+    for example, answer in examples:
+        msgs.append({"role": "user", "content": render(example)})
+        msgs.append({"role": "assistant", "content": answer})
+    msgs.append({"role": "user", "content": render(text)})
+    return msgs

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from ..backends.base import SamplingParams, stream_text
 from ..errors import InvalidInputError
 from ..results import ExtractResult, Usage
-from .classify import prepare_text, render_text
+from .classify import few_shot_messages, prepare_text, render_text
 from .schema import minimal_instance, salvage_json, validate
 
 if TYPE_CHECKING:
@@ -57,12 +57,7 @@ class ExtractTask:
     delimiters: tuple[str, ...] = ()
 
     def messages(self, text: str) -> list[dict[str, str]]:
-        msgs = [{"role": "system", "content": self.system}]
-        for example, answer in self.examples:
-            msgs.append({"role": "user", "content": self.render(example)})
-            msgs.append({"role": "assistant", "content": answer})
-        msgs.append({"role": "user", "content": self.render(text)})
-        return msgs
+        return few_shot_messages(self.system, self.examples, self.render, text)
 
     def render(self, text: str) -> str:
         return render_text(self.template, text, self.delimiters)
