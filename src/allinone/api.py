@@ -243,7 +243,9 @@ class AllInOne:
             raise InvalidInputError(f"unknown sampling option(s): {', '.join(sorted(unknown))}")
         sampling = {k: v for k, v in sampling.items() if v is not None}
         sampling.setdefault("max_tokens", self.settings.default_max_tokens)
-        if sampling["max_tokens"] > self.settings.max_tokens_limit if isinstance(sampling["max_tokens"], int) else False:
+        max_tokens = sampling["max_tokens"]
+        # a non-integer max_tokens is rejected with its own message by SamplingParams below
+        if isinstance(max_tokens, int) and max_tokens > self.settings.max_tokens_limit:
             raise InvalidInputError(
                 f"max_tokens must be at most {self.settings.max_tokens_limit}", param="max_tokens"
             )
