@@ -82,3 +82,203 @@ def test_ui_needs_a_log_in_when_api_keys_are_set(tmp_path):
         assert c.post("/ui/login/", data={"username": "me", "password": "secret-key"}).status_code == 200
         assert c.get("/ui/config").status_code == 200  # the log-in cookie now opens it
     ai.close()
+
+
+# -- the Tasks tab ---------------------------------------------------------------------------
+from allinone.ui.tasks_tab import (  # noqa: E402
+    TaskHandlers, data_markdown, parse_names, span_table, span_tokens, task_choices,
+)
+
+NER_REPLY = '{"entities":[{"text":"Angela Merkel","type":"PER"},{"text":"Paris","type":"LOC"},{"text":"Rome","type":"LOC"}]}'
+NER_TEXT = "Angela Merkel met Emmanuel Macron in Paris."
+OUTPUTS = TaskHandlers.OUTPUTS
+
+
+def make_ai(reply: str = "ok", **label_logps: float) -> AllInOne:
+    return AllInOne(Engine(FakeBackend(reply, label_logps=label_logps)), Settings(ui=False))
+
+
+def shown(update: tuple) -> dict[str, object]:
+    """name -> value of the outputs a run made visible (the JSON is always set)."""
+    out = dict(zip(OUTPUTS, update))
+    return {k: (v if k == "notes" else v.get("value")) for k, v in out.items()
+            if k in ("json", "notes") or (k != "json_box" and v.get("visible"))}
+
+
+@pytest.fixture
+def ner_ai():
+    ai = make_ai(NER_REPLY, positive=-0.1, negative=-2.5)
+    yield ai
+    ai.close()
+
+
+def test_the_selector_lists_every_task_with_its_description(ner_ai):
+    ner_ai.register_task({"name": "urgency", "kind": "classify", "description": "Is a ticket urgent?",
+                          "instructions": {"en": "Urgent or normal? {labels}"},
+                          "labels": [{"name": "urgent"}, {"name": "normal"}]})
+    choices = task_choices(ner_ai)
+    assert [name for _, name in choices] == ner_ai.tasks.names()
+    assert ("urgency — Is a ticket urgent?", "urgency") in choices
+    dropdown, timer, _ = TaskHandlers(lambda: ner_ai).refresh()
+    assert dropdown["choices"] == choices and dropdown["value"] == "sentiment" and timer["active"] is False
+    assert TaskHandlers(lambda: ner_ai).refresh("ner")[0]["value"] == "ner"  # the current pick is kept
+
+
+def test_while_the_model_loads_the_list_is_empty_and_asked_for_again():
+    def loading():
+        raise ModelLoadingError()
+
+    dropdown, timer, info = TaskHandlers(loading).refresh()
+    assert dropdown["choices"] == [] and dropdown["value"] is None
+    assert timer["active"] is True and "loading" in info
+
+
+def test_picking_a_task_shows_the_parameters_it_takes(ner_ai):
+    names = ("info", "labels", "types", "lang", "calibrate", "max_tokens", "temperature", "example")
+    handlers = TaskHandlers(lambda: ner_ai)
+
+    def controls(task):
+        update = handlers.select(task)
+        assert len(update) == len(names) + len(OUTPUTS)
+        return dict(zip(names, update))
+
+    intent = controls("intent")
+    assert "intent" in intent["info"] and "classify" in intent["info"]
+    assert intent["labels"]["visible"] and "required" in intent["labels"]["label"]
+    assert not intent["types"]["visible"] and not intent["max_tokens"]["visible"] and not intent["example"]["visible"]
+    sentiment3 = controls("sentiment3")
+    assert sentiment3["labels"]["placeholder"] == "positive, neutral, negative"
+    assert sentiment3["calibrate"] == {"__type__": "update", "visible": True, "value": True}
+    ner = controls("ner")
+    assert ner["types"]["visible"] and ner["types"]["placeholder"] == "PER, ORG, LOC, MISC"
+    assert not ner["labels"]["visible"] and not ner["calibrate"]["visible"]
+    assert ner["max_tokens"]["value"] == 320 and ner["lang"]["choices"] == ["auto", "en", "zh"]
+    assert ner["example"]["visible"]
+    chat = controls("chat")
+    assert chat["max_tokens"]["value"] == 512 and chat["temperature"]["value"] == 0.7
+    assert all(not u["visible"] for u in handlers.select(None)[1:8])
+    assert "unknown task" in controls("nope")["info"]
+
+
+def test_example_text_comes_from_the_task_declaration(ner_ai):
+    handlers = TaskHandlers(lambda: ner_ai)
+    assert handlers.example("ner", "auto").startswith("Maria Lopez")
+    assert handlers.example("ner", "zh") == "王建国昨天代表青禾科技在杭州签下了一份合同。"
+    with pytest.raises(gr.Error, match="no example"):
+        handlers.example("intent", "auto")
+
+
+def test_classify_shows_the_label_probabilities_the_api_gives(ner_ai):
+    (update,) = TaskHandlers(lambda: ner_ai).run("sentiment", "What a lovely day", "", "", "auto", False, 256, 0.0)
+    out = shown(update)
+    expected = ner_ai.run("sentiment", "What a lovely day")
+    assert set(out) == {"label", "json", "notes"}
+    assert out["label"] == expected.scores and out["json"] == expected.to_dict()
+    assert dict(zip(OUTPUTS, update))["json_box"]["open"] is False
+
+
+def test_labels_per_request_comma_separated_or_with_descriptions():
+    ai = make_ai(BookFlight=-0.2, PlayMusic=-2.0)
+    handlers = TaskHandlers(lambda: ai)
+    (update,) = handlers.run("intent", "fly me to Rome", "BookFlight, PlayMusic", None, "auto", False)
+    assert shown(update)["label"] == ai.run("intent", "fly me to Rome", labels=["BookFlight", "PlayMusic"]).scores
+    (update,) = handlers.run("intent", "fly me to Rome", "BookFlight: book a flight\nPlayMusic: play a song")
+    assert shown(update)["json"]["label"] == "BookFlight"
+    with pytest.raises(gr.Error, match="needs labels"):
+        list(handlers.run("intent", "fly me to Rome", "  "))
+    with pytest.raises(gr.Error, match="at least two"):
+        list(handlers.run("intent", "fly me to Rome", "BookFlight"))
+    ai.close()
+
+
+def test_ner_shows_highlighted_spans_and_a_table(ner_ai):
+    (update,) = TaskHandlers(lambda: ner_ai).run("ner", NER_TEXT, None, "", "auto", None, 320, 0.0)
+    out = shown(update)
+    expected = ner_ai.run("ner", NER_TEXT)
+    assert set(out) == {"spans", "table", "json", "notes"}
+    assert out["spans"] == [("Angela Merkel", "PER"), (" met Emmanuel Macron in ", None), ("Paris", "LOC"), (".", None)]
+    assert out["table"]["data"] == [[e["text"], e["type"], e["start"], e["end"]] for e in expected.data["entities"]]
+    assert out["json"] == expected.to_dict() and "1 span(s) not found" in out["notes"]
+
+
+def test_span_types_per_request_narrow_the_schema(ner_ai):
+    list(TaskHandlers(lambda: ner_ai).run("ner", NER_TEXT, None, "PER", "auto", None, 320, 0.0))
+    enum = ner_ai.engine.backend.schemas[-1]["properties"]["entities"]["items"]["properties"]["type"]["enum"]
+    assert enum == ["PER"]
+
+
+def test_keywords_are_a_list_and_other_shapes_fall_back_to_json():
+    ai = make_ai('{"keywords": ["solar pumps", "irrigation", "*farms*"]}')
+    (update,) = TaskHandlers(lambda: ai).run("keywords", "Solar pumps for irrigation on farms.")
+    out = shown(update)
+    assert set(out) == {"markdown", "json", "notes"}
+    assert out["markdown"] == "**keywords** (3)\n1. solar pumps\n2. irrigation\n3. \\*farms\\*"
+    ai.close()
+    ai = make_ai('{"people": [{"name": "Ann", "age": 3}]}')
+    ai.register_task({"name": "people", "kind": "extract", "instructions": {"en": "People. JSON."},
+                      "output_schema": {"type": "object", "required": ["people"], "properties": {"people": {
+                          "type": "array", "items": {"type": "object", "required": ["name"], "properties": {
+                              "name": {"type": "string"}, "age": {"type": "integer"}}}}}}})
+    (update,) = TaskHandlers(lambda: ai).run("people", "Ann is three.")
+    assert set(shown(update)) == {"json", "notes"}
+    assert shown(update)["json"]["data"] == {"people": [{"name": "Ann", "age": 3}]}
+    assert dict(zip(OUTPUTS, update))["json_box"] == {"__type__": "update", "visible": True, "open": True}
+    ai.close()
+
+
+def test_a_generate_task_streams_its_text(spy):
+    steps = list(TaskHandlers(lambda: spy).run("chat", "hello", None, None, "auto", None, 64, 0.0))
+    texts = [shown(step)["markdown"] for step in steps]
+    assert texts[-1] == "好的 👍 sure" and len(set(texts)) > 3
+    final = shown(steps[-1])["json"]
+    assert final["text"] == "好的 👍 sure" and final["finish_reason"] == "stop"
+
+
+def test_task_errors_become_toasts(ner_ai):
+    def loading():
+        raise ModelLoadingError()
+
+    handlers = TaskHandlers(lambda: ner_ai)
+    with pytest.raises(gr.Error, match="Pick a task"):
+        list(handlers.run(None, "hi"))
+    with pytest.raises(gr.Error, match="Type or paste"):
+        list(handlers.run("ner", "  \n "))
+    with pytest.raises(gr.Error, match="limit"):
+        list(handlers.run("ner", "x" * 200_000))
+    with pytest.raises(gr.Error, match="unknown task"):
+        list(handlers.run("nope", "hi"))
+    with pytest.raises(gr.Error, match="loading"):
+        list(TaskHandlers(loading).run("ner", "hi"))
+    with pytest.raises(gr.Error, match="duplicates"):
+        list(handlers.run("sentiment", "hi", "good, good"))
+
+
+def test_parse_names():
+    assert parse_names("") is None and parse_names(" , ") is None and parse_names(None) is None
+    assert parse_names("a, b ,c") == ["a", "b", "c"]
+    assert parse_names("a: first one, really\nb") == {"a": "first one, really", "b": ""}
+    assert parse_names("a\na") == ["a", "a"]
+
+
+def test_span_views_keep_every_character():
+    text = "王建国在杭州。Ann!"
+    spans = [{"text": "杭州", "type": "LOC", "start": 4, "end": 6},
+             {"text": "王建国", "type": "PER", "start": 0, "end": 3},
+             {"text": "bad", "type": "X", "start": 5, "end": 9}]
+    tokens = span_tokens(text, spans)
+    assert "".join(t for t, _ in tokens) == text
+    assert tokens == [("王建国", "PER"), ("在", None), ("杭州", "LOC"), ("。Ann!", None)]
+    assert span_tokens("no names", []) == [("no names", None)]
+    assert span_table(spans[:1])["data"] == [["杭州", "LOC", 4, 6]]
+    assert data_markdown({"n": 3, "ok": True, "tags": []}) == "**n**: 3\n\n**ok**: true\n\n**tags** (0)\n*none*"
+    assert data_markdown({"x": {"y": 1}}) is None
+
+
+def test_the_page_has_both_tabs(tmp_path):
+    app, _, ai = fake_app(tmp_path, ui=True)
+    with TestClient(app) as c:
+        config = c.get("/ui/config").json()
+    ids = {comp.get("props", {}).get("elem_id") for comp in config["components"]}
+    assert {"chat-tab", "chat", "message", "send", "tasks-tab", "task", "task-text", "task-run",
+            "task-label", "task-spans", "task-json"} <= ids
+    ai.close()

@@ -1,4 +1,5 @@
-"""A chat page: every message gets its sentiment (label + emoji), then a streamed reply.
+"""The web UI: a chat tab, where every message gets its sentiment (label + emoji) and then a
+streamed reply, and a "Tasks" tab that runs any task of the registry (:mod:`.tasks_tab`).
 
 The UI holds no model logic: it calls the same :class:`~allinone.api.AllInOne` as the HTTP
 routes. The conversation lives in the browser session (Gradio session state), so two tabs are
@@ -14,6 +15,7 @@ import gradio as gr
 
 from ..errors import AllInOneError
 from ..results import ClassifyResult
+from .tasks_tab import TaskHandlers, build_tasks_tab
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
@@ -88,31 +90,39 @@ class ChatHandlers:
 
 def build_ui(get_ai: Callable[[], "AllInOne"], *, default_max_tokens: int = 512,
              max_tokens_limit: int = 2048) -> gr.Blocks:
-    """The Gradio app.
+    """The Gradio app: the "Chat" tab, then the "Tasks" tab.
 
     Args:
         get_ai: returns the loaded model, or raises ``AllInOneError`` (e.g. still loading).
-        default_max_tokens / max_tokens_limit: the reply-length slider's start and end.
+        default_max_tokens / max_tokens_limit: the reply-length slider's start and end (the
+            latter also ends the Tasks tab's output-length slider).
     """
     handlers = ChatHandlers(get_ai)
 
-    with gr.Blocks(title="allinone chat", analytics_enabled=False) as demo:
-        gr.Markdown("## allinone chat\nEach message you send is labelled **positive** or **negative**, "
-                    "then the model replies.")
-        chatbot = gr.Chatbot(label="Conversation", height=460, elem_id="chat", feedback_options=None,
-                             buttons=["copy", "copy_all"])
-        with gr.Row():
-            box = gr.Textbox(placeholder="Type a message and press Enter", show_label=False, scale=8,
-                             elem_id="message", autofocus=True, max_lines=6)
-            send = gr.Button("Send", variant="primary", scale=1, elem_id="send")
-        with gr.Row():
-            sentiment = gr.Label(label="Sentiment of your last message", num_top_classes=2, elem_id="sentiment")
-            with gr.Column():
-                temperature = gr.Slider(0.0, 1.5, value=0.7, step=0.05, label="Temperature (0 = greedy)")
-                max_tokens = gr.Slider(1, max_tokens_limit, value=min(default_max_tokens, max_tokens_limit), step=1,
-                                       label="Max reply tokens")
-                clear = gr.Button("New conversation", elem_id="clear")
-        history = gr.State([])  # what the model sees: messages without the sentiment badges
+    with gr.Blocks(title="allinone", analytics_enabled=False) as demo:
+        with gr.Tabs(elem_id="tabs"):
+            with gr.Tab("Chat", id="chat-tab", elem_id="chat-tab"):
+                gr.Markdown("## allinone chat\nEach message you send is labelled **positive** or **negative**, "
+                            "then the model replies.")
+                chatbot = gr.Chatbot(label="Conversation", height=460, elem_id="chat", feedback_options=None,
+                                     buttons=["copy", "copy_all"])
+                with gr.Row():
+                    box = gr.Textbox(placeholder="Type a message and press Enter", show_label=False, scale=8,
+                                     elem_id="message", autofocus=True, max_lines=6)
+                    send = gr.Button("Send", variant="primary", scale=1, elem_id="send")
+                with gr.Row():
+                    sentiment = gr.Label(label="Sentiment of your last message", num_top_classes=2,
+                                         elem_id="sentiment")
+                    with gr.Column():
+                        temperature = gr.Slider(0.0, 1.5, value=0.7, step=0.05, label="Temperature (0 = greedy)")
+                        max_tokens = gr.Slider(1, max_tokens_limit, value=min(default_max_tokens, max_tokens_limit),
+                                               step=1, label="Max reply tokens")
+                        clear = gr.Button("New conversation", elem_id="clear")
+                history = gr.State([])  # what the model sees: messages without the sentiment badges
+            with gr.Tab("Tasks", id="tasks-tab", elem_id="tasks-tab"):
+                gr.Markdown("## Any task\nPick a task, give it a text, and run it: the same tasks as "
+                            "`GET /v1/tasks` and `POST /v1/tasks/{name}`.")
+                build_tasks_tab(demo, TaskHandlers(get_ai), max_tokens_limit=max_tokens_limit)
 
         inputs = [box, chatbot, history, temperature, max_tokens]
         outputs = [box, chatbot, history, sentiment]
