@@ -13,7 +13,8 @@ from .errors import InvalidInputError
 from .models import resolve_model
 from .results import AnalyzeResult, ChatChunk, ChatResult, ClassifyResult, TaskResult, Usage
 from .settings import Settings
-from .tasks import ChatRequest, ClassifyTask, TaskRegistry, TaskSpec, chat_stream, classify, extract
+from .tasks import (ChatRequest, ClassifyTask, TaskRegistry, TaskSpec, chat_chunks, classify, classify_request,
+                    classify_result, extract, extract_result, plan_chat, plan_extract)
 from .tasks.runner import Request, build_request, compile_classify, compile_extract
 
 _SAMPLING_KEYS = {"temperature", "top_p", "top_k", "max_tokens", "seed", "stop", "repetition_penalty"}
@@ -58,9 +59,10 @@ class AllInOne:
         source = resolve_model(settings.model, cache_dir=settings.cache_dir)
         backend = load_backend(
             source, settings.backend, n_ctx=settings.n_ctx, n_threads=settings.n_threads,
-            dtype=settings.dtype, cache_dir=settings.cache_dir,
+            dtype=settings.dtype, cache_dir=settings.cache_dir, kv_cache_mb=settings.kv_cache_mb,
         )
-        engine = Engine(backend, max_queue=settings.max_queue, timeout=settings.request_timeout)
+        engine = Engine(backend, max_queue=settings.max_queue, timeout=settings.request_timeout,
+                        max_batch=settings.max_batch, max_active=settings.max_active)
         return cls(engine, settings, load_seconds=time.perf_counter() - start)
 
     # -- info ---------------------------------------------------------------------------
@@ -85,8 +87,14 @@ class AllInOne:
             InvalidInputError: empty / whitespace-only / over-long text (no model call is made).
         """
         self._check_text(text)
+        return self._classify(task, text)
+
+    def _classify(self, task: ClassifyTask, text: str) -> ClassifyResult:
         budget = self.settings.max_input_tokens
-        return self.engine.call(lambda b: classify(b, task, text, max_input_tokens=budget))
+        return self.engine.score(
+            lambda b: classify_request(b, task, text, max_input_tokens=budget),
+            lambda b, logps, truncated: classify_result(b, task, logps, truncated),
+        )
 
     def sentiment(self, text: str) -> ClassifyResult:
         """``positive`` or ``negative`` with probabilities; English or Chinese text.
@@ -129,14 +137,22 @@ class AllInOne:
         if stream and spec.kind != "generate":
             raise InvalidInputError(f"stream=True is only for generate tasks; {task!r} is {spec.kind}", param="stream")
         if spec.kind == "generate":
-            chunks = self.engine.stream(lambda b: chat_stream(b, self._generate_request(spec, req, text)))
+            request = self._generate_request(spec, req, text)
+            chunks = chat_chunks(self.engine.generate(lambda b: plan_chat(b, request)))
             return chunks if stream else collect(chunks)
-        fn = self._task_fn(spec, req, "single")
-        return self.engine.call(lambda b: fn(b, text))
+        compiled = self._compile(spec, req, "single")
+        if spec.kind == "classify":
+            return self._classify(compiled, text)
+        budget = self.settings.max_input_tokens
+        gen = self.engine.generate(lambda b: plan_extract(b, compiled, text, req.sampling, max_input_tokens=budget))
+        parts: list[str] = []
+        for delta in gen:
+            parts.append(delta.text)
+        return extract_result(compiled, gen.plan, "".join(parts), delta.finish_reason or "length", delta.completion_tokens)
 
-    def _task_fn(self, spec: TaskSpec, req: Request, layout: str):
-        """A function (backend, text) -> result for a classify/extract task; compiled prompts are
-        cached (with their label token ids and calibration priors)."""
+    def _compile(self, spec: TaskSpec, req: Request, layout: str):
+        """The compiled classify/extract task, cached (with its label token ids and calibration
+        priors)."""
         key = (spec.name, id(spec), req.lang, req.labels, req.types, req.calibrate, layout)
         hit = self._compiled.get(key)
         if hit is None or hit[0] is not spec:
@@ -144,7 +160,11 @@ class AllInOne:
             if len(self._compiled) >= 128:
                 self._compiled.pop(next(iter(self._compiled)))
             hit = self._compiled[key] = (spec, compiled)
-        compiled = hit[1]
+        return hit[1]
+
+    def _task_fn(self, spec: TaskSpec, req: Request, layout: str):
+        """A function (backend, text) -> result for a classify/extract task, run alone."""
+        compiled = self._compile(spec, req, layout)
         budget = self.settings.max_input_tokens
         if spec.kind == "classify":
             return lambda b, text: classify(b, compiled, text, max_input_tokens=budget)
@@ -186,7 +206,7 @@ class AllInOne:
             InvalidInputError: bad messages or sampling values.
         """
         request = self._chat_request(messages, system, sampling)
-        chunks = self.engine.stream(lambda b: chat_stream(b, request))
+        chunks = chat_chunks(self.engine.generate(lambda b: plan_chat(b, request)))
         return chunks if stream else collect(chunks)
 
     def analyze(self, text: str, history: Sequence[dict[str, Any]] | None = None, *,
@@ -234,7 +254,7 @@ class AllInOne:
         for name, spec, req in plans:
             if spec.kind == "generate":
                 request = self._generate_request(spec, req, text, history)
-                results[name] = collect(self.engine.stream(lambda b, r=request: chat_stream(b, r)))
+                results[name] = collect(chat_chunks(self.engine.generate(lambda b, r=request: plan_chat(b, r))))
         return AnalyzeResult(results={name: results[name] for name, _ in items})
 
     def _chat_request(self, messages: Any, system: str | None, sampling: dict[str, Any]) -> ChatRequest:

@@ -29,6 +29,13 @@ class Settings(BaseSettings):
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="transformers weights dtype")
     cache_dir: Path | None = Field(None, description="where assembled/converted models are kept")
 
+    # scheduling and caching (see engine.py and backends/kv_cache.py)
+    kv_cache_mb: float = Field(
+        128, ge=1, description="KV cache for all sequences (running replies, task prefixes, conversations), in MB"
+    )
+    max_batch: int = Field(16, ge=1, le=64, description="most classification prompts computed in one batch")
+    max_active: int = Field(16, ge=1, le=48, description="most replies decoded together (continuous batching)")
+
     # tasks
     tasks_dir: Path | None = Field(None, description="a folder of task declarations (*.toml) added to the built-ins")
 

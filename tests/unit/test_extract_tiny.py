@@ -91,21 +91,6 @@ def test_short_budget_gives_length_and_a_valid_partial_answer(ai):
     assert result.data == {"keywords": []}
 
 
-@pytest.mark.parametrize("temperature,seed", [(0.0, None), (1.0, 5)])
-def test_llamacpp_grammar_fallback_is_valid_json_too(tiny_llamacpp, temperature, seed):
-    """Without llguidance the llama.cpp backend constrains with a GBNF grammar."""
-    tiny_llamacpp.constrain_with = "gbnf"
-    try:
-        prompt = tiny_llamacpp.render_chat([{"role": "user", "content": "Describe: a cat."}])
-        sampling = SamplingParams(temperature=temperature, seed=seed, max_tokens=200, repetition_penalty=1.0)
-        deltas = list(stream_text(tiny_llamacpp, prompt, sampling, json_schema=SCHEMA))
-    finally:
-        tiny_llamacpp.constrain_with = "llguidance"
-    text = "".join(d.text for d in deltas)
-    assert deltas[-1].finish_reason == "stop", text
-    assert validate(json.loads(text), SCHEMA) == [], text
-
-
 def test_both_backends_give_the_same_greedy_json(tiny_llamacpp, tiny_transformers):
     outs = []
     for backend in (tiny_llamacpp, tiny_transformers):

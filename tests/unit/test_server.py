@@ -344,11 +344,11 @@ def test_timeout_gives_504_and_the_server_keeps_serving(tmp_path):
 def test_unexpected_failure_is_a_500_error_object_and_not_fatal(tmp_path, monkeypatch):
     app, backend, ai = fake_app(tmp_path)
 
-    def boom(*args):
+    def boom(*args, **kwargs):
         raise RuntimeError("kaboom")
 
     with TestClient(app, raise_server_exceptions=False) as c:
-        monkeypatch.setattr(backend, "score", boom)
+        monkeypatch.setattr(backend, "score_batch", boom)
         error = assert_error(c.post("/v1/tasks/sentiment", json={"text": "hi"}), 500, "internal_error")
         assert "kaboom" not in error["message"]  # internals are logged, not sent
         monkeypatch.undo()

@@ -91,13 +91,14 @@ def test_errors_before_the_first_token_are_plain_http_errors(cjk):
 class FailingBackend(FakeBackend):
     """Says a few tokens, then the model fails."""
 
-    def generate(self, prompt_ids, sampling):
-        yield from self.tokenize("abc")
-        raise RuntimeError("the model fell over")
+    def step(self, states):
+        if self.generated >= 3:
+            raise RuntimeError("the model fell over")
+        return super().step(states)
 
 
 def test_a_failure_inside_a_stream_is_an_error_event_and_not_fatal(tmp_path):
-    app, _, ai = fake_app(tmp_path, FailingBackend())
+    app, _, ai = fake_app(tmp_path, FailingBackend("abcdef"))
     with TestClient(app) as c:
         r = c.post(CHAT, json={"messages": [{"role": "user", "content": "hi"}], "stream": True})
         payloads = sse_data(r.text)

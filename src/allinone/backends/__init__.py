@@ -6,13 +6,14 @@ import importlib.util
 
 from ..errors import BackendUnavailableError
 from ..models import ModelSource, gguf_to_hf
-from .base import Backend, SamplingParams, TextDelta, stream_text
+from .base import Backend, GenState, SamplingParams, TextDelta, TextStreamer, stream_text
 
-__all__ = ["Backend", "SamplingParams", "TextDelta", "load_backend", "stream_text"]
+__all__ = ["Backend", "GenState", "SamplingParams", "TextDelta", "TextStreamer", "load_backend", "stream_text"]
 
 
 def load_backend(source: ModelSource, backend: str = "auto", *, n_ctx: int = 4096,
-                 n_threads: int | None = None, dtype: str = "float32", cache_dir=None) -> Backend:
+                 n_threads: int | None = None, dtype: str = "float32", cache_dir=None,
+                 kv_cache_mb: float = 128) -> Backend:
     """Load ``source`` on the named backend.
 
     ``auto`` picks llama.cpp for a GGUF file (transformers if llama-cpp-python is missing) and
@@ -36,10 +37,12 @@ def load_backend(source: ModelSource, backend: str = "auto", *, n_ctx: int = 409
             )
         from .llamacpp import LlamaCppBackend
 
-        return LlamaCppBackend(source.path, n_ctx=n_ctx, n_threads=n_threads, model_id=source.name)
+        return LlamaCppBackend(source.path, n_ctx=n_ctx, n_threads=n_threads, kv_cache_mb=kv_cache_mb,
+                               model_id=source.name)
     if backend == "transformers":
         from .transformers import TransformersBackend
 
         path = gguf_to_hf(source.path, cache_dir=cache_dir) if source.kind == "gguf" else source.path
-        return TransformersBackend(path, dtype=dtype, n_ctx=n_ctx, n_threads=n_threads, model_id=source.name)
+        return TransformersBackend(path, dtype=dtype, n_ctx=n_ctx, n_threads=n_threads, kv_cache_mb=kv_cache_mb,
+                                   model_id=source.name)
     raise BackendUnavailableError(f"unknown backend {backend!r}; choose auto, llamacpp or transformers")

@@ -1,10 +1,12 @@
 """The narrow backend interface every inference engine implements.
 
-A backend owns one loaded model and offers a handful of operations (see DESIGN.md):
-tokenization, the model's chat template, ``score`` (log-probs of short continuations after a
-shared prefix: how classification works) and ``generate`` (a stream of sampled token ids).
-Stopping rules, stop strings, UTF-8-safe streaming and finish reasons are shared and live in
-:func:`stream_text` so both backends behave the same.
+A backend owns one loaded model and implements a small core: tokenization and one compute
+primitive, ``_forward`` (compute new tokens after the KV states of several sequences at once).
+Everything else is shared and built here on top of it, so both engines behave the same:
+``score_batch`` (log-probs of short continuations after a prefix: how classification works),
+``start``/``step``/``finish`` (replies advanced one token per step, several at once: continuous
+batching), KV reuse through :class:`~allinone.backends.kv_cache.KVPool`, sampling
+(:mod:`.sampling`), stop rules and UTF-8-safe streaming (:class:`TextStreamer`).
 
 A backend is not thread-safe: the engine owns it and calls it from one thread at a time.
 """
@@ -16,8 +18,13 @@ import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 
-from ..errors import InvalidInputError
+import numpy as np
+
+from ..errors import BackendUnavailableError, InvalidInputError
+from . import constrained
 from .chat_template import ChatTemplate, Message
+from .kv_cache import KVEntry, KVPool, common_prefix_len
+from .sampling import log_softmax, sample
 
 
 @dataclass(frozen=True)
@@ -88,18 +95,45 @@ class TextDelta:
     token_ids: list[int] = field(default_factory=list)
 
 
+@dataclass(eq=False)
+class GenState:
+    """One reply being generated: its KV entry, what to compute next, and how to sample.
+
+    Made by :meth:`Backend.start`, advanced one token at a time by :meth:`Backend.step`
+    (several states at once: continuous batching) and ended by :meth:`Backend.finish`.
+    """
+
+    entry: KVEntry
+    pending: list[int]
+    history: list[int]
+    sampling: SamplingParams
+    rng: np.random.Generator
+    matcher: object | None = None
+    #: prompt length in tokens
+    n_prompt: int = 0
+    #: the context window is full: no further token can be computed
+    exhausted: bool = False
+
+
+ScoreRequest = tuple[Sequence[int], Sequence[Sequence[int]]]
+
+
 class Backend(abc.ABC):
-    """One loaded model. Subclasses implement the abstract methods below."""
+    """One loaded model. Subclasses implement the abstract methods below and create ``self.kv``
+    (the :class:`~allinone.backends.kv_cache.KVPool` of their KV states) when they load."""
 
     #: backend name: "llamacpp" or "transformers"
     name: str
     #: a display id of the loaded model
     model_id: str
-    #: the context window in tokens (prompt + completion)
+    #: the context window in tokens (prompt + completion) of one sequence
     n_ctx: int
     #: ids that end generation (Qwen: <|im_end|>, <|endoftext|>)
     eos_token_ids: frozenset[int]
     chat_template: ChatTemplate
+    kv: KVPool
+    #: vocabulary size (columns of the logits)
+    n_vocab: int
 
     # -- tokens -------------------------------------------------------------------------
     @abc.abstractmethod
@@ -124,8 +158,47 @@ class Backend(abc.ABC):
             tokenize_template=lambda s: self.tokenize(s, special=True),
         )
 
-    # -- compute ------------------------------------------------------------------------
+    # -- the one compute primitive --------------------------------------------------------
     @abc.abstractmethod
+    def _forward(self, entries: Sequence[KVEntry], new_tokens: Sequence[Sequence[int]],
+                 all_logits: bool) -> list[np.ndarray]:
+        """Compute ``new_tokens[i]`` after the KV state of ``entries[i]``, for every i at once
+        (llama.cpp: one batch; transformers: one sequence after another), appending their keys
+        and values to each state. ``entries[i].tokens`` is updated by the caller.
+
+        Returns:
+            per entry, float32 logits: shape (n_vocab,) after its last new token, or
+            (len(new_tokens[i]), n_vocab) for every new token with ``all_logits``.
+        """
+
+    def forward(self, entries: Sequence[KVEntry], new_tokens: Sequence[Sequence[int]], *,
+                all_logits: bool = False) -> list[np.ndarray]:
+        """:meth:`_forward` with the bookkeeping: room in the KV budget, the context window,
+        and each entry's token list.
+
+        Raises:
+            InvalidInputError: a sequence would exceed the context window.
+            KVCacheFullError: the KV budget is spent by sequences in use.
+        """
+        new_tokens = [list(t) for t in new_tokens]
+        for entry, new in zip(entries, new_tokens):
+            if not new:
+                raise ValueError("forward needs at least one new token per sequence")
+            if len(entry.tokens) + len(new) >= self.n_ctx:
+                raise InvalidInputError(
+                    f"prompt of {len(entry.tokens) + len(new)} tokens does not fit the context of {self.n_ctx}")
+        self.kv.reserve(sum(map(len, new_tokens)), keep=entries)
+        try:
+            out = self._forward(entries, new_tokens, all_logits)
+        except BaseException:
+            for entry in entries:  # the KV state may be half-written: never reuse it
+                entry.tokens = []
+            raise
+        for entry, new in zip(entries, new_tokens):
+            entry.tokens.extend(new)
+        return out
+
+    # -- scoring (classification) --------------------------------------------------------------
     def score(self, prefix_ids: Sequence[int], continuations: Sequence[Sequence[int]]) -> list[float]:
         """Log-probability (natural log, summed over tokens) of each continuation after the prefix.
 
@@ -137,79 +210,252 @@ class Backend(abc.ABC):
         Returns:
             C floats, ``log p(continuation | prefix)``.
         """
+        return self.score_batch([(prefix_ids, continuations)])[0]
 
-    @abc.abstractmethod
+    def score_batch(self, requests: Sequence[ScoreRequest], *, relative: bool = False) -> list[list[float]]:
+        """:meth:`score` for several (prefix, continuations) requests in one batched pass.
+
+        Each prefix starts from its longest cached prefix (see :mod:`.kv_cache`); all prefixes
+        are computed in one forward pass, then the inner tokens of all multi-token
+        continuations in a second one (each in a copy of its prefix's KV state). Only the
+        positions whose logits are needed are sent through the output head.
+
+        Args:
+            requests: (prefix ids, continuations) pairs.
+            relative: the caller only compares continuations of one request with each other,
+                so each request's scores may be shifted by one constant (lets a backend skip
+                the output-head rows of tokens no continuation starts with).
+
+        Returns:
+            per request, one log-probability per continuation, as :meth:`score`.
+
+        Raises:
+            InvalidInputError: an empty prefix or continuation, or a prefix over the context.
+        """
+        for prefix, conts in requests:
+            if not prefix:
+                raise InvalidInputError("score needs a non-empty prefix")
+            if any(not c for c in conts):
+                raise InvalidInputError("score needs non-empty continuations")
+        if len(requests) > 1:
+            self._cache_common_prefix([p for p, _ in requests])
+        held: list[KVEntry] = []
+        # A prompt that started from a cached prefix leaves only that prefix cached: its own
+        # tokens are rarely asked for again, and every cached cell costs attention time.
+        keep: list[bool] = []
+        try:
+            for prefix, _ in requests:
+                entry, n = self.kv.acquire(prefix)
+                held.append(entry)
+                keep.append(n < self.kv.min_shared)
+            firsts = self.forward(held, [list(p)[len(e.tokens):] for e, (p, _) in zip(held, requests)])
+            scores = []
+            for row, (_, conts) in zip(firsts, requests):
+                logp = log_softmax(row)
+                scores.append([float(logp[c[0]]) for c in conts])
+            inner = [(i, j, list(c)) for i, (_, conts) in enumerate(requests) for j, c in enumerate(conts) if len(c) > 1]
+            while inner:
+                room = max(1, self.kv.max_entries - sum(e.in_use for e in self.kv.entries))
+                group, inner = inner[:room], inner[room:]
+                forks: list[KVEntry] = []
+                try:
+                    for i, _, _ in group:
+                        forks.append(self.kv.fork(held[i]))
+                    rows = self.forward(forks, [c[:-1] for _, _, c in group], all_logits=True)
+                    for (i, j, c), logits in zip(group, rows):
+                        scores[i][j] += sum(float(log_softmax(logits[k])[c[k + 1]]) for k in range(len(c) - 1))
+                finally:
+                    for f in forks:
+                        self.kv.release(f, keep=False)
+            return scores
+        finally:
+            for entry, kept in zip(held, keep):
+                self.kv.release(entry, keep=kept and bool(entry.tokens))
+
+    def _cache_common_prefix(self, prompts: Sequence[Sequence[int]]) -> None:
+        """Compute the prefix all ``prompts`` share once, as a shared KV entry, so that a batch
+        arriving before any of its prompts is cached does not compute it once per prompt."""
+        common = list(prompts[0][: min(map(len, prompts)) - 1])
+        for p in prompts[1:]:
+            common = common[: common_prefix_len(common, p)]
+        if len(common) < self.kv.min_shared:
+            return
+        if any(e.shared and e.tokens == common for e in self.kv.entries):
+            return
+        entry, n = self.kv.acquire(common)
+        try:
+            if n < len(common):
+                self.forward([entry], [common[n:]])
+        except BaseException:
+            self.kv.release(entry, keep=False)
+            raise
+        entry.shared = True
+        self.kv.release(entry)
+
+    # -- generation -------------------------------------------------------------------------
+    def start(self, prompt_ids: Sequence[int], sampling: SamplingParams, *,
+              json_schema: dict | None = None) -> GenState:
+        """Begin a reply to ``prompt_ids``: take the KV entry with its longest cached prefix.
+
+        With ``json_schema`` (the subset of :mod:`allinone.tasks.schema`), only tokens that keep
+        the output a prefix of a JSON document valid under the schema can be sampled, and an
+        end token only once it is complete (llguidance, see :mod:`.constrained`).
+
+        Raises:
+            InvalidInputError: empty prompt, a prompt that fills the context, a bad schema.
+            KVCacheFullError: no KV entry is free.
+        """
+        prompt = list(prompt_ids)
+        if not prompt:
+            raise InvalidInputError("the prompt is empty")
+        if len(prompt) >= self.n_ctx:
+            raise InvalidInputError(f"prompt of {len(prompt)} tokens does not fit the context of {self.n_ctx}")
+        matcher = self.json_matcher(json_schema) if json_schema is not None else None
+        entry, n = self.kv.acquire(prompt)
+        return GenState(entry=entry, pending=prompt[n:], history=prompt, sampling=sampling,
+                        rng=np.random.default_rng(sampling.seed), matcher=matcher, n_prompt=len(prompt))
+
+    def step(self, states: Sequence[GenState]) -> list[int]:
+        """Compute one token for each state in one forward pass (continuous batching): the
+        prompt's uncached part on a state's first step, then its last sampled token.
+
+        Returns:
+            the sampled token id per state, in order (end tokens included: stopping is the
+            caller's business, see :class:`TextStreamer`).
+        """
+        rows = self.forward([s.entry for s in states], [s.pending for s in states])
+        out = []
+        for state, logits in zip(states, rows):
+            allowed = constrained.allowed_tokens(state.matcher, logits.shape[-1]) if state.matcher else None
+            tok = sample(logits, state.sampling, state.history, state.rng, allowed)
+            if state.matcher is not None and tok not in self.eos_token_ids and not state.matcher.consume_token(tok):
+                raise RuntimeError(f"constrained decoding failed: {state.matcher.get_error()}")  # pragma: no cover
+            state.history.append(tok)
+            state.pending = [tok]
+            # the sampled token is computed on the next step: it needs a free position
+            state.exhausted = len(state.history) + 1 >= self.n_ctx
+            out.append(tok)
+        return out
+
+    def finish(self, state: GenState) -> None:
+        """End a reply; its KV state stays cached for the conversation's next turn."""
+        self.kv.release(state.entry, keep=bool(state.entry.tokens))
+
     def generate(self, prompt_ids: Sequence[int], sampling: SamplingParams, *,
                  json_schema: dict | None = None) -> Iterator[int]:
-        """Sample token ids one at a time after ``prompt_ids``.
+        """Sample token ids one at a time after ``prompt_ids`` (one sequence on its own).
 
         The stream is open-ended: it yields end tokens too and only returns on its own when the
         context window is full. :func:`stream_text` applies ``max_tokens``, end tokens and stop
-        strings; closing the generator stops the work.
-
-        With ``json_schema`` (the subset of :mod:`allinone.tasks.schema`, compact JSON without
-        free whitespace where the decoder allows), only tokens that keep the output a prefix of
-        a JSON document valid under the schema can be sampled, and an end token only once it is
-        complete. Cut off by ``max_tokens``, the text is still such a prefix.
+        strings; closing the generator stops the work. ``json_schema``: see :meth:`start`.
         """
+        state = self.start(prompt_ids, sampling, json_schema=json_schema)
+        try:
+            while not state.exhausted:
+                yield self.step([state])[0]
+        finally:
+            self.finish(state)
+
+    def json_matcher(self, schema: dict):
+        """An llguidance matcher for ``schema`` over this model's tokenizer.
+
+        Raises:
+            BackendUnavailableError: llguidance is not installed.
+            InvalidInputError: the schema cannot be compiled.
+        """
+        if getattr(self, "_constrainer", None) is None:
+            if not constrained.available():  # pragma: no cover - depends on the install
+                raise BackendUnavailableError("JSON-constrained decoding needs llguidance: pip install llguidance")
+            self._constrainer = constrained.JsonConstrainer(self._llguidance_tokenizer)
+        return self._constrainer.matcher(schema)
+
+    def _llguidance_tokenizer(self):  # pragma: no cover - each backend overrides
+        raise BackendUnavailableError(f"the {self.name} backend has no llguidance tokenizer")
 
     def close(self) -> None:  # pragma: no cover - trivial
         """Release the model's memory."""
 
 
-def stream_text(backend: Backend, prompt_ids: Sequence[int], sampling: SamplingParams, *,
-                json_schema: dict | None = None) -> Iterator[TextDelta]:
-    """Generate a reply and yield it as UTF-8-safe text deltas, ending with the finish reason.
-
-    ``json_schema`` constrains decoding (see :meth:`Backend.generate`); it is passed on only when
-    given, so backends written before it existed keep working for free text.
+class TextStreamer:
+    """Turns sampled token ids into UTF-8-safe text deltas and decides when a reply ends.
 
     Text is only emitted once it decodes without a trailing replacement character, so a
     multi-byte character (CJK, emoji) split across tokens is never cut in half. Stop strings are
-    held back until it is certain no stop string starts in the pending text.
+    held back until it is certain no stop string starts in the pending text. The reply ends at
+    an end token ("stop"), a stop string ("stop"), ``max_tokens`` ("length") or a full context
+    ("length", :meth:`close`).
+    """
+
+    def __init__(self, backend: Backend, sampling: SamplingParams) -> None:
+        self.backend = backend
+        self.sampling = sampling
+        self.ids: list[int] = []
+        self.text = ""
+        self.emitted = 0  # characters of the decoded text already yielded
+        self.finish_reason: str | None = None
+        self.holdback = max((len(s) for s in sampling.stop), default=1) - 1
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+    def push(self, tok: int) -> list[TextDelta]:
+        """Take one sampled token; return the deltas it releases (the final one when the reply
+        ends with it)."""
+        if self.done:
+            return []
+        if tok in self.backend.eos_token_ids:
+            return [self.close("stop")]
+        self.ids.append(tok)
+        self.text = self.backend.detokenize(self.ids)
+        if self.sampling.stop:
+            cut = _find_stop(self.text, self.sampling.stop, start=max(0, self.emitted - self.holdback))
+            if cut is not None:
+                self.text = self.text[:cut]
+                return [self.close("stop")]
+        if len(self.ids) >= self.sampling.max_tokens:
+            return [self.close("length")]
+        safe = len(self.text)
+        while safe > self.emitted and self.text[safe - 1] == "\ufffd":
+            safe -= 1
+        safe -= self.holdback if self.sampling.stop else 0
+        if safe > self.emitted:
+            delta = TextDelta(self.text[self.emitted:safe], token_ids=list(self.ids))
+            self.emitted = safe
+            return [delta]
+        return []
+
+    def close(self, finish_reason: str = "length") -> TextDelta:
+        """End the reply now; the final delta with the rest of the text and the finish reason."""
+        self.finish_reason = finish_reason
+        tail = self.text[self.emitted:]
+        if finish_reason == "length":
+            # max_tokens may cut a multi-byte character in half: drop the partial character.
+            tail = tail.rstrip("\ufffd")
+        self.emitted = len(self.text)
+        return TextDelta(tail, finish_reason=finish_reason, completion_tokens=len(self.ids),
+                         token_ids=list(self.ids))
+
+
+def stream_text(backend: Backend, prompt_ids: Sequence[int], sampling: SamplingParams, *,
+                json_schema: dict | None = None) -> Iterator[TextDelta]:
+    """Generate a reply on its own (no batching) and yield it as text deltas, ending with the
+    finish reason; see :class:`TextStreamer`.
 
     Yields:
         TextDelta pieces; the last has ``finish_reason`` "stop" (end token or stop string) or
         "length" (``max_tokens`` reached or the context window full) and the token count.
     """
-    ids: list[int] = []
-    emitted = 0  # characters of the decoded text already yielded
-    finish = "length"
-    if json_schema is None:
-        gen = backend.generate(prompt_ids, sampling)
-    else:
-        gen = backend.generate(prompt_ids, sampling, json_schema=json_schema)
-    holdback = max((len(s) for s in sampling.stop), default=1) - 1
-    text = ""
+    streamer = TextStreamer(backend, sampling)
+    gen = backend.generate(prompt_ids, sampling, json_schema=json_schema)
     try:
         for tok in gen:
-            if tok in backend.eos_token_ids:
-                finish = "stop"
-                break
-            ids.append(tok)
-            text = backend.detokenize(ids)
-            if sampling.stop:
-                cut = _find_stop(text, sampling.stop, start=max(0, emitted - holdback))
-                if cut is not None:
-                    text = text[:cut]
-                    finish = "stop"
-                    break
-            if len(ids) >= sampling.max_tokens:
-                break
-            safe = len(text)
-            while safe > emitted and text[safe - 1] == "\ufffd":
-                safe -= 1
-            safe -= holdback if sampling.stop else 0
-            if safe > emitted:
-                yield TextDelta(text[emitted:safe], token_ids=list(ids))
-                emitted = safe
+            yield from streamer.push(tok)
+            if streamer.done:
+                return
     finally:
         gen.close()
-    tail = text[emitted:]
-    if finish == "length":
-        # max_tokens may cut a multi-byte character in half: drop the partial character.
-        tail = tail.rstrip("\ufffd")
-    yield TextDelta(tail, finish_reason=finish, completion_tokens=len(ids), token_ids=list(ids))
+    yield streamer.close("length")
 
 
 def _find_stop(text: str, stops: Sequence[str], start: int) -> int | None:

@@ -1,21 +1,23 @@
 """transformers (PyTorch) backend: HF model folders and Hub ids, FP32 by default.
 
 A GGUF file is converted once to a safetensors folder (see :func:`allinone.models.gguf_to_hf`)
-before it gets here. Like the llama.cpp backend, the KV cache of the last sequence is kept
-between calls and only the tokens after the longest shared prefix are computed.
+before it gets here. Every sequence has its own ``DynamicCache``; which ones stay cached is
+decided by :class:`~allinone.backends.kv_cache.KVPool` as on llama.cpp. Sequences are computed
+one after another (PyTorch on CPU gains little from batching decode steps of a 0.5B model);
+classification prompts are micro-batched as one padded batch (:meth:`score_batch`).
 """
 
 from __future__ import annotations
 
 import inspect
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 from ..errors import BackendUnavailableError, InvalidInputError
-from . import constrained
-from .base import Backend, SamplingParams
+from .base import Backend
 from .chat_template import ChatTemplate
+from .kv_cache import KVPool
 
 _TURN_TOKENS = ("<|im_end|>", "<|endoftext|>", "<|im_start|>", "<|eot_id|>", "<end_of_turn>")
 
@@ -29,6 +31,7 @@ class TransformersBackend(Backend):
         n_ctx: context window in tokens; default: the model's ``max_position_embeddings``
             capped at 8192.
         n_threads: torch intra-op threads; default: all cores.
+        kv_cache_mb: megabytes of KV cache kept over all sequences, cached and running.
 
     Raises:
         BackendUnavailableError: torch/transformers missing or the folder cannot be loaded.
@@ -37,7 +40,7 @@ class TransformersBackend(Backend):
     name = "transformers"
 
     def __init__(self, model_dir: Path, *, dtype: str = "float32", n_ctx: int | None = None,
-                 n_threads: int | None = None, model_id: str | None = None) -> None:
+                 n_threads: int | None = None, kv_cache_mb: float = 128, model_id: str | None = None) -> None:
         try:
             import torch
             from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -62,8 +65,14 @@ class TransformersBackend(Backend):
             tok.chat_template if isinstance(tok.chat_template, str) else None,
             bos_token=tok.bos_token or "", eos_token=tok.eos_token or "",
         )
-        self._cache = None
-        self._cache_ids: list[int] = []
+        self.n_vocab = int(self.model.get_output_embeddings().weight.shape[0])
+        layers = self.model.config.num_hidden_layers
+        kv_heads = getattr(self.model.config, "num_key_value_heads", None) or self.model.config.num_attention_heads
+        head_dim = getattr(self.model.config, "head_dim", None) or self.model.config.hidden_size // self.model.config.num_attention_heads
+        #: bytes of keys + values per token over all layers, in the model's dtype
+        self.kv_bytes_per_token = layers * kv_heads * head_dim * 2 * torch.tensor([], dtype=getattr(torch, dtype)).element_size()
+        capacity = max(self.n_ctx, int(kv_cache_mb * 2**20 // self.kv_bytes_per_token))
+        self.kv = KVPool(self, capacity_tokens=capacity, max_entries=64)
         # transformers 5 renamed the forward argument `past_key_values` to `cache`.
         params = inspect.signature(self.model.model.forward).parameters
         self._cache_arg = "cache" if "cache" in params else "past_key_values"
@@ -90,33 +99,8 @@ class TransformersBackend(Backend):
     def detokenize(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)
 
-    # -- compute ------------------------------------------------------------------------
-    def _forward_to(self, ids: Sequence[int]):
-        """Bring the kept KV cache to exactly ``ids``; return the last position's logits (vocab,)."""
-        torch = self._torch
-        if len(ids) >= self.n_ctx:
-            raise InvalidInputError(f"prompt of {len(ids)} tokens does not fit the context of {self.n_ctx}")
-        n = 0
-        limit = min(len(self._cache_ids), len(ids) - 1)
-        while n < limit and self._cache_ids[n] == ids[n]:
-            n += 1
-        if self._cache is None or n == 0:
-            self._cache = self._new_cache()
-            n = 0
-        elif len(self._cache_ids) > n:
-            self._cache.crop(-(len(self._cache_ids) - n))
-        new = torch.tensor([list(ids[n:])], dtype=torch.long)
-        positions = torch.arange(n, len(ids), dtype=torch.long).unsqueeze(0)
-        with torch.inference_mode():
-            out = self.model.model(input_ids=new, position_ids=positions, use_cache=True,
-                                   **{self._cache_arg: self._cache})
-            hidden = out.last_hidden_state[0, -1]
-            logits = self.model.lm_head(hidden)
-        # the DynamicCache object is updated in place
-        self._cache_ids = list(ids)
-        return logits.float()
-
-    def _new_cache(self):
+    # -- KV store (see kv_cache.KVStore): one DynamicCache per sequence ------------------------
+    def kv_new(self):
         from transformers import DynamicCache
 
         try:
@@ -124,90 +108,35 @@ class TransformersBackend(Backend):
         except TypeError:  # older transformers
             return DynamicCache()
 
-    def score(self, prefix_ids: Sequence[int], continuations: Sequence[Sequence[int]]) -> list[float]:
-        if not prefix_ids:
-            raise InvalidInputError("score needs a non-empty prefix")
+    def kv_copy(self, src, dst, n: int) -> None:
+        for i, layer in enumerate(src.layers):
+            dst.update(layer.keys[..., :n, :].clone(), layer.values[..., :n, :].clone(), i)
+
+    def kv_free(self, handle) -> None:
+        pass  # the cache's tensors are freed with the last reference
+
+    # -- compute ------------------------------------------------------------------------
+    def _forward(self, entries, new_tokens, all_logits):
         torch = self._torch
-        prefix = list(prefix_ids)
-        first = torch.log_softmax(self._forward_to(prefix), dim=-1)
         out = []
-        for cont in continuations:
-            cont = list(cont)
-            total = float(first[cont[0]])
-            for j in range(1, len(cont)):
-                step = torch.log_softmax(self._forward_to(prefix + cont[:j]), dim=-1)
-                total += float(step[cont[j]])
-            out.append(total)
+        with torch.inference_mode():
+            for entry, new in zip(entries, new_tokens):
+                start = len(entry.tokens)
+                ids = torch.tensor([list(new)], dtype=torch.long)
+                positions = torch.arange(start, start + len(new), dtype=torch.long).unsqueeze(0)
+                hidden = self.model.model(input_ids=ids, position_ids=positions, use_cache=True,
+                                          **{self._cache_arg: entry.handle}).last_hidden_state[0]
+                logits = self.model.lm_head(hidden if all_logits else hidden[-1])
+                out.append(logits.float().numpy())
         return out
 
-    def generate(self, prompt_ids: Sequence[int], sampling: SamplingParams, *,
-                 json_schema: dict | None = None) -> Iterator[int]:
-        torch = self._torch
-        ids = list(prompt_ids)
-        if len(ids) >= self.n_ctx:
-            raise InvalidInputError(f"prompt of {len(ids)} tokens does not fit the context of {self.n_ctx}")
-        matcher = self._matcher(json_schema) if json_schema is not None else None
-        rng = torch.Generator()
-        rng.manual_seed(sampling.seed if sampling.seed is not None else int(torch.randint(0, 2**31 - 1, ()).item()))
-        logits = self._forward_to(ids)
-        while True:
-            if matcher is not None:
-                logits = self._apply_mask(logits, matcher)
-            tok = _sample(torch, logits, sampling, ids, rng)
-            if matcher is not None and tok not in self.eos_token_ids and not matcher.consume_token(tok):
-                raise RuntimeError(f"constrained decoding failed: {matcher.get_error()}")  # pragma: no cover
-            yield tok
-            if len(ids) + 1 >= self.n_ctx:
-                return
-            ids.append(tok)
-            logits = self._forward_to(ids)
+    def _llguidance_tokenizer(self):
+        import llguidance.hf
 
-    # -- constrained decoding (llguidance, see .constrained) --------------------------------
-    def _matcher(self, schema: dict):
-        if getattr(self, "_constrainer", None) is None:
-            if not constrained.available():  # pragma: no cover - depends on the install
-                raise BackendUnavailableError(
-                    "JSON-constrained decoding on the transformers backend needs llguidance: "
-                    "pip install 'allinone[transformers]'"
-                )
-            import llguidance.hf
-
-            n_vocab = max(len(self.tokenizer), int(getattr(self.model.config, "vocab_size", 0) or 0))
-            self._constrainer = constrained.JsonConstrainer(
-                lambda: llguidance.hf.from_tokenizer(self.tokenizer, n_vocab=n_vocab, eos_token=sorted(self.eos_token_ids))
-            )
-        return self._constrainer.matcher(schema)
-
-    def _apply_mask(self, logits, matcher):
-        """``logits`` with every token the grammar forbids set to -inf."""
-        torch = self._torch
-        allowed = torch.from_numpy(constrained.allowed_tokens(matcher, logits.shape[-1]))
-        return torch.where(allowed, logits, torch.full_like(logits, float("-inf")))
+        n_vocab = max(len(self.tokenizer), int(getattr(self.model.config, "vocab_size", 0) or 0))
+        return llguidance.hf.from_tokenizer(self.tokenizer, n_vocab=n_vocab, eos_token=sorted(self.eos_token_ids))
 
     def close(self) -> None:
-        self._cache = None
+        self.kv.clear()
         self.model = None
 
-
-def _sample(torch, logits, sampling: SamplingParams, history: list[int], rng) -> int:
-    """Pick the next token: repetition penalty, then greedy or temperature/top-k/top-p sampling."""
-    logits = logits.clone()
-    if sampling.repetition_penalty != 1.0 and history:
-        seen = torch.tensor(sorted(set(history[-64:])), dtype=torch.long)  # window as llama.cpp's default
-        vals = logits[seen]
-        logits[seen] = torch.where(vals > 0, vals / sampling.repetition_penalty, vals * sampling.repetition_penalty)
-    if sampling.greedy:
-        return int(torch.argmax(logits))
-    logits = logits / sampling.temperature
-    if sampling.top_k:
-        kth = torch.topk(logits, min(sampling.top_k, logits.numel())).values[-1]
-        logits[logits < kth] = float("-inf")
-    probs = torch.softmax(logits, dim=-1)
-    if sampling.top_p < 1.0:
-        sorted_p, order = torch.sort(probs, descending=True)
-        keep = torch.cumsum(sorted_p, dim=-1) - sorted_p < sampling.top_p
-        mask = torch.zeros_like(probs, dtype=torch.bool)
-        mask[order[keep]] = True
-        probs = torch.where(mask, probs, torch.zeros_like(probs))
-        probs = probs / probs.sum()
-    return int(torch.multinomial(probs, 1, generator=rng))

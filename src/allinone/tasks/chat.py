@@ -6,13 +6,14 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from ..backends.base import SamplingParams, stream_text
+from ..backends.base import SamplingParams
 from ..backends.chat_template import validate_messages
 from ..errors import InvalidInputError
 from ..results import ChatChunk, Usage
 
 if TYPE_CHECKING:
     from ..backends.base import Backend
+    from ..engine import Generation, GenerationStream
 
 
 @dataclass(frozen=True)
@@ -82,13 +83,25 @@ def prepare_chat(backend: "Backend", request: ChatRequest) -> tuple[list[int], S
     return ids, sampling, truncated
 
 
-def chat_stream(backend: "Backend", request: ChatRequest) -> Iterator[ChatChunk]:
-    """Stream a reply; runs on the engine's worker thread. The last chunk has the finish reason
-    and usage."""
+def plan_chat(backend: "Backend", request: ChatRequest) -> "Generation":
+    """The engine's :class:`~allinone.engine.Generation` for a chat request (runs on the worker);
+    ``info`` is whether the conversation had to be cut to fit."""
+    from ..engine import Generation
+
     ids, sampling, truncated = prepare_chat(backend, request)
-    for delta in stream_text(backend, ids, sampling):
-        if delta.finish_reason is None:
-            yield ChatChunk(delta.text)
-        else:
-            usage = Usage(prompt_tokens=len(ids), completion_tokens=delta.completion_tokens)
-            yield ChatChunk(delta.text, finish_reason=delta.finish_reason, usage=usage, truncated=truncated)
+    return Generation(ids, sampling, info=truncated)
+
+
+def chat_chunks(stream: "GenerationStream") -> Iterator[ChatChunk]:
+    """Reply chunks from the engine's stream; the last one has the finish reason and usage.
+    Closing this iterator cancels the reply."""
+    try:
+        for delta in stream:
+            if delta.finish_reason is None:
+                yield ChatChunk(delta.text)
+            else:
+                plan = stream.plan
+                usage = Usage(prompt_tokens=len(plan.prompt_ids), completion_tokens=delta.completion_tokens)
+                yield ChatChunk(delta.text, finish_reason=delta.finish_reason, usage=usage, truncated=bool(plan.info))
+    finally:
+        stream.close()

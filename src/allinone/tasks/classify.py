@@ -96,13 +96,34 @@ def prepare_text(backend: "Backend", text: object, max_tokens: int) -> tuple[str
 
 
 def classify(backend: "Backend", task: ClassifyTask, text: str, *, max_input_tokens: int = 1024) -> ClassifyResult:
-    """Score every label of ``task`` for ``text``; runs on the engine's worker thread.
+    """Score every label of ``task`` for ``text`` on its own (the engine batches the same two
+    steps, :func:`classify_request` and :func:`classify_result`, across requests).
+
+    Raises:
+        InvalidInputError: empty text.
+    """
+    request, truncated = classify_request(backend, task, text, max_input_tokens=max_input_tokens)
+    return classify_result(backend, task, backend.score(*request), truncated)
+
+
+def classify_request(backend: "Backend", task: ClassifyTask, text: str, *,
+                     max_input_tokens: int = 1024) -> tuple[tuple[list[int], list[list[int]]], bool]:
+    """The prompt and label continuations to score for ``text``.
+
+    Returns:
+        ((prompt ids, continuation ids per verbalizer), truncated).
 
     Raises:
         InvalidInputError: empty text.
     """
     text, truncated = prepare_text(backend, text, max_input_tokens)
-    scores = label_probs(backend, task, text)
+    prefix = backend.render_chat(task.messages(text), add_generation_prompt=True)
+    return (prefix, [ids for _, ids in task.continuations(backend)]), truncated
+
+
+def classify_result(backend: "Backend", task: ClassifyTask, logps: list[float], truncated: bool) -> ClassifyResult:
+    """The label and probabilities from the verbalizers' log-probs (calibrated if the task says so)."""
+    scores = _label_mass(task, task.continuations(backend), logps)
     if task.calibrate:
         prior = content_free_prior(backend, task)
         scores = {label: p / max(prior[label], 1e-6) for label, p in scores.items()}
@@ -116,7 +137,10 @@ def label_probs(backend: "Backend", task: ClassifyTask, text: str) -> dict[str, 
     """Label -> probability (verbalizers summed, normalized over the label set) for ``text``."""
     prefix = backend.render_chat(task.messages(text), add_generation_prompt=True)
     pairs = task.continuations(backend)
-    logps = backend.score(prefix, [ids for _, ids in pairs])
+    return _label_mass(task, pairs, backend.score(prefix, [ids for _, ids in pairs]))
+
+
+def _label_mass(task: ClassifyTask, pairs, logps: list[float]) -> dict[str, float]:
     mass: dict[str, float] = {label: 0.0 for label in task.labels}
     top = max(logps)
     for (label, _), lp in zip(pairs, logps):

@@ -23,6 +23,7 @@ from .schema import minimal_instance, salvage_json, validate
 
 if TYPE_CHECKING:
     from ..backends.base import Backend
+    from ..engine import Generation
 
 
 @dataclass(frozen=True)
@@ -83,11 +84,31 @@ def result_schema(schema: dict[str, Any], spans: SpanConfig | None) -> dict[str,
 
 def extract(backend: "Backend", task: ExtractTask, text: str, sampling: SamplingParams, *,
             max_input_tokens: int = 1024) -> ExtractResult:
-    """Run ``task`` on ``text``; runs on the engine's worker thread.
+    """Run ``task`` on ``text`` on its own (the engine decodes the same plan together with other
+    replies: :func:`plan_extract`, then :func:`extract_result`).
 
     Raises:
         InvalidInputError: empty text, or the prompt leaves no room to answer.
     """
+    plan = plan_extract(backend, task, text, sampling, max_input_tokens=max_input_tokens)
+    parts: list[str] = []
+    finish, completion = "length", 0
+    for delta in stream_text(backend, plan.prompt_ids, plan.sampling, json_schema=plan.json_schema):
+        parts.append(delta.text)
+        if delta.finish_reason is not None:
+            finish, completion = delta.finish_reason, delta.completion_tokens
+    return extract_result(task, plan, "".join(parts), finish, completion)
+
+
+def plan_extract(backend: "Backend", task: ExtractTask, text: str, sampling: SamplingParams, *,
+                 max_input_tokens: int = 1024) -> "Generation":
+    """The constrained generation for ``text``; ``info`` is (the text the model sees, truncated).
+
+    Raises:
+        InvalidInputError: empty text, or the prompt leaves no room to answer.
+    """
+    from ..engine import Generation
+
     # The input is cut so that the task's prompt, the input and the answer budget fit together.
     overhead = len(backend.render_chat(task.messages(""), add_generation_prompt=True))
     answer_room = min(sampling.max_tokens, max(1, (backend.n_ctx - overhead) // 2))
@@ -103,13 +124,12 @@ def extract(backend: "Backend", task: ExtractTask, text: str, sampling: Sampling
         raise InvalidInputError("the prompt does not fit the context window", param="text")
     if sampling.max_tokens > room:
         sampling = sampling.updated(max_tokens=room)
-    parts: list[str] = []
-    finish, completion = "length", 0
-    for delta in stream_text(backend, ids, sampling, json_schema=task.schema):
-        parts.append(delta.text)
-        if delta.finish_reason is not None:
-            finish, completion = delta.finish_reason, delta.completion_tokens
-    raw = "".join(parts)
+    return Generation(ids, sampling, json_schema=task.schema, info=(text, truncated))
+
+
+def extract_result(task: ExtractTask, plan: "Generation", raw: str, finish: str, completion: int) -> ExtractResult:
+    """Parse, clean (dedupe, span offsets) and validate the constrained answer ``raw``."""
+    text, truncated = plan.info
     data, repaired = parse_answer(raw, task.schema)
     dropped = 0
     for name in task.dedupe:
@@ -121,7 +141,7 @@ def extract(backend: "Backend", task: ExtractTask, text: str, sampling: Sampling
         data = {**data, task.spans.field: located}
     if validate(data, final_schema):  # pragma: no cover - post-processing keeps the shape; belt and braces
         data, repaired = minimal_instance(final_schema), True
-    usage = Usage(prompt_tokens=len(ids), completion_tokens=completion)
+    usage = Usage(prompt_tokens=len(plan.prompt_ids), completion_tokens=completion)
     return ExtractResult(data=data, finish_reason=finish, usage=usage, dropped=dropped,
                          truncated=truncated, repaired=repaired)
 

@@ -1,0 +1,206 @@
+"""Which KV states a backend keeps: a pool of token sequences reused by longest common prefix.
+
+Every sequence a backend computes (a classification prompt, a conversation turn, a reply being
+generated) lives in one *entry*: a backend handle to its KV state (a llama.cpp sequence id, a
+transformers ``DynamicCache``) and the token ids that state holds. A new prompt starts from the
+entry sharing its longest common prefix, so only the tokens after it are computed:
+
+* **conversation reuse**: an idle entry whose tokens are all a prefix of the new prompt (the
+  last turn of the same conversation) is continued in place;
+* **prefix cache**: when the shared part is only a prefix of the entry (two requests of one task
+  differ after the task's instructions and few-shot examples), that prefix is copied into a
+  *shared* entry of its own, which later prompts copy from and which is never continued in
+  place, so interleaved work (a chat between two classifications) cannot wipe it out.
+
+The same idea as automatic prefix caching in vLLM and RadixAttention in SGLang (Zheng et al.
+2024, "SGLang: Efficient Execution of Structured Language Model Programs"), at the granularity of
+whole sequences instead of blocks. Entries are evicted least recently used first when the token
+budget (the configured megabytes of KV cache) or the number of entries is exhausted; entries in
+use are never evicted.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from ..errors import OverloadedError
+
+
+class KVCacheFullError(OverloadedError):
+    """Every KV entry is in use and the budget is spent: too many sequences at once."""
+
+
+class KVStore(Protocol):
+    """The three KV operations a backend provides to the pool."""
+
+    def kv_new(self) -> Any:
+        """A handle to a new, empty KV state."""
+
+    def kv_copy(self, src: Any, dst: Any, n: int) -> None:
+        """Make the empty ``dst`` hold the first ``n`` positions of ``src``."""
+
+    def kv_free(self, handle: Any) -> None:
+        """Release ``handle``; it is not used again."""
+
+
+@dataclass(eq=False)
+class KVEntry:
+    """One cached sequence.
+
+    Attributes:
+        handle: the backend's KV state.
+        tokens: the token ids whose keys and values the state holds, positions 0..len-1.
+        shared: a prefix kept only as a copy source (never continued in place).
+        in_use: held by a running request; not evictable.
+        last_used: logical clock of the last use, for LRU eviction.
+    """
+
+    handle: Any
+    tokens: list[int] = field(default_factory=list)
+    shared: bool = False
+    in_use: bool = False
+    last_used: int = 0
+
+
+def common_prefix_len(a: Sequence[int], b: Sequence[int], limit: int | None = None) -> int:
+    """Length of the longest common prefix of ``a`` and ``b`` (at most ``limit``)."""
+    n = min(len(a), len(b)) if limit is None else min(len(a), len(b), limit)
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+class KVPool:
+    """Cached KV entries of one backend, reused by longest common prefix, evicted LRU.
+
+    Args:
+        store: the backend's KV operations.
+        capacity_tokens: the most token positions held over all entries (shared prefixes are
+            counted once per entry, so the true memory use is at most this).
+        max_entries: the most entries at once (llama.cpp: its sequence slots).
+        min_shared: the shortest common prefix worth keeping as a shared entry, in tokens.
+    """
+
+    def __init__(self, store: KVStore, *, capacity_tokens: int, max_entries: int, min_shared: int = 16) -> None:
+        self.store = store
+        self.capacity_tokens = capacity_tokens
+        self.max_entries = max_entries
+        self.min_shared = min_shared
+        self.entries: list[KVEntry] = []
+        self._clock = itertools.count(1)
+        #: counters for metrics and tests: tokens asked for, tokens found cached
+        self.prompt_tokens = 0
+        self.cached_tokens = 0
+
+    @property
+    def used_tokens(self) -> int:
+        return sum(len(e.tokens) for e in self.entries)
+
+    def acquire(self, prompt: Sequence[int]) -> tuple[KVEntry, int]:
+        """An entry, marked in use, holding the longest cached prefix of ``prompt``.
+
+        At least the last prompt token is left to compute, so the caller gets its logits.
+
+        Returns:
+            (entry, n): ``entry.tokens == prompt[:n]``; the caller computes ``prompt[n:]``.
+
+        Raises:
+            KVCacheFullError: every entry is in use and no room is left.
+        """
+        prompt = list(prompt)
+        limit = len(prompt) - 1
+        best, n = None, 0
+        best_key = (0, False, False)
+        for e in self.entries:
+            m = common_prefix_len(e.tokens, prompt, limit)
+            continues = not e.in_use and not e.shared and m == len(e.tokens)
+            key = (m, continues, e.shared)
+            if m > 0 and key > best_key:
+                best, n, best_key = e, m, key
+        self.prompt_tokens += len(prompt)
+        self.cached_tokens += n
+        if best is not None and best_key[1]:
+            best.in_use = True
+            best.last_used = next(self._clock)
+            return best, n
+        if best is not None:
+            best.last_used = next(self._clock)
+            if n >= self.min_shared and n < len(best.tokens) and not best.shared:
+                best = self._copy_of(best, n, shared=True)
+            elif n < self.min_shared and n < len(best.tokens):
+                best, n = None, 0  # too short to be worth a copy
+        if best is None:
+            entry = self._new_entry()
+            return entry, 0
+        return self._copy_of(best, n, shared=False), n
+
+    def fork(self, entry: KVEntry) -> KVEntry:
+        """A new in-use entry holding a copy of ``entry``'s tokens (e.g. to score one label)."""
+        return self._copy_of(entry, len(entry.tokens), shared=False)
+
+    def reserve(self, n: int, *, keep: Sequence[KVEntry] = ()) -> None:
+        """Make room for ``n`` more token positions, evicting idle entries LRU.
+
+        Raises:
+            KVCacheFullError: not enough room even with every idle entry evicted.
+        """
+        while self.used_tokens + n > self.capacity_tokens:
+            if not self._evict_one(keep):
+                raise KVCacheFullError(
+                    f"the KV cache is full ({self.used_tokens} of {self.capacity_tokens} tokens in use); "
+                    "retry shortly or raise kv_cache_mb"
+                )
+
+    def release(self, entry: KVEntry, *, keep: bool = True) -> None:
+        """End the use of ``entry``; keep it for reuse, or free it."""
+        entry.in_use = False
+        entry.last_used = next(self._clock)
+        if not keep:
+            self._drop(entry)
+
+    def clear(self) -> None:
+        """Free every entry (in use or not)."""
+        for e in list(self.entries):
+            self._drop(e)
+
+    # -- internals ----------------------------------------------------------------------
+    def _new_entry(self, *, keep: Sequence[KVEntry] = ()) -> KVEntry:
+        while len(self.entries) >= self.max_entries:
+            if not self._evict_one(keep):
+                raise KVCacheFullError(f"all {self.max_entries} KV sequences are in use; retry shortly")
+        entry = KVEntry(self.store.kv_new(), in_use=True, last_used=next(self._clock))
+        self.entries.append(entry)
+        return entry
+
+    def _copy_of(self, src: KVEntry, n: int, *, shared: bool) -> KVEntry:
+        src.in_use, was_in_use = True, src.in_use  # protect the source from eviction meanwhile
+        try:
+            self.reserve(n, keep=(src,))
+            entry = self._new_entry(keep=(src,))
+            try:
+                self.store.kv_copy(src.handle, entry.handle, n)
+            except BaseException:
+                self._drop(entry)
+                raise
+        finally:
+            src.in_use = was_in_use
+        entry.tokens = list(src.tokens[:n])
+        if shared:
+            entry.shared, entry.in_use = True, False
+        return entry
+
+    def _evict_one(self, keep: Sequence[KVEntry]) -> bool:
+        idle = [e for e in self.entries if not e.in_use and e not in keep]
+        if not idle:
+            return False
+        self._drop(min(idle, key=lambda e: e.last_used))
+        return True
+
+    def _drop(self, entry: KVEntry) -> None:
+        if entry in self.entries:
+            self.entries.remove(entry)
+            self.store.kv_free(entry.handle)
