@@ -71,7 +71,8 @@ class LlamaCppBackend(Backend):
         self.n_ctx = min(n_ctx, self._model.n_ctx_train())
         self.n_vocab = self._model.n_vocab()
         self.kv_bytes_per_token = _kv_bytes_per_token(meta)
-        capacity = max(self.n_ctx, int(kv_cache_mb * 2**20 // self.kv_bytes_per_token))
+        # a tiny model's budget could mean millions of cells: cap at 16 full windows
+        capacity = min(max(self.n_ctx, int(kv_cache_mb * 2**20 // self.kv_bytes_per_token)), 16 * self.n_ctx)
 
         params = llama_cpp.llama_context_default_params()
         params.n_ctx = capacity
