@@ -9,13 +9,16 @@ What is measured (all servers on 127.0.0.1, one at a time, the same embedded GGU
   sentences: allinone over HTTP (``POST /v1/tasks/sentiment``) on llama.cpp and on transformers;
   the seed-style baseline in process (transformers FP32, the full prompt every time,
   ``generate(max_new_tokens=1)``, as the original design did); llama-cpp-python's own server
-  (``python -m llama_cpp.server``, a chat completion with ``max_tokens=1``);
+  (``python -m llama_cpp.server``, a chat completion with ``max_tokens=1``). Both baselines get
+  exactly the messages allinone's sentiment task renders, so only the serving differs;
 * sentiment throughput (sentences/s) on SST-2 dev, sequential and with 1, 4 and 16 concurrent
   HTTP clients (allinone, llama.cpp backend);
 * chat: time to first token and decode tokens/s for one stream and for 8 concurrent streams
   (OpenAI-compatible route, streamed), and time to first token by turn number 1..10 of one
   conversation;
-* peak RSS of each server process (VmHWM from /proc), per backend.
+* raw llama-cpp-python decode speed in process on the same prompts (the ceiling for decode);
+* peak RSS of each server process (VmHWM from /proc), per backend;
+* a table of the issue's targets, met or not.
 
 Figures are printed and written as a markdown report. This is a measurement, not a test.
 """
@@ -39,8 +42,23 @@ import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT.parent / "shared" / "data" / "sst2_dev.jsonl"
-PROMPT = ("Classify the sentiment of the following text as positive or negative. "
-          "Answer with one word.\n\nText: {text}\nSentiment:")
+
+
+def sentiment_messages(text: str) -> list[dict]:
+    """The messages allinone's sentiment task sends for ``text``: the baselines get the very
+    same prompt, so only the serving differs."""
+    from allinone.tasks import TaskRegistry
+    from allinone.tasks.runner import build_request, compile_classify
+
+    spec = TaskRegistry().get("sentiment")
+    return compile_classify(spec, build_request(spec, text, {})).messages(text)
+
+
+def cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown CPU"
 CHAT_PROMPTS = ["Write a short paragraph about the history of the bicycle.", "用三句话介绍一下杭州西湖。",
                 "Explain what a hash table is to a beginner.", "Give me three tips for learning to cook.",
                 "What is the difference between weather and climate?", "写一首关于秋天的短诗。",
@@ -199,7 +217,7 @@ def bench_llama_server(gguf: Path, sentences: list[str], report: dict) -> None:
         client = httpx.Client(base_url=base, timeout=600)
 
         def ask(t: str) -> None:
-            client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": PROMPT.format(text=t)}],
+            client.post("/v1/chat/completions", json={"messages": sentiment_messages(t),
                                                      "max_tokens": 1, "temperature": 0}).raise_for_status()
 
         ask("warm up")
@@ -207,6 +225,28 @@ def bench_llama_server(gguf: Path, sentences: list[str], report: dict) -> None:
         report["rss"].append({"system": "llama_cpp.server", "peak_rss_mb": peak_rss_mb(proc.pid)})
     finally:
         ctx.__exit__(None, None, None)
+
+
+def bench_raw_decode(gguf: Path, report: dict, max_tokens: int = 96) -> None:
+    """Decode tokens/s of llama-cpp-python's own ``Llama`` in process (greedy, the same chat
+    prompts as the one-stream chat figure): the ceiling allinone's decode is compared with."""
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=str(gguf), n_ctx=4096, n_threads=os.cpu_count(), verbose=False)
+    rates, ttfts = [], []
+    for prompt in CHAT_PROMPTS[:3]:
+        start = time.perf_counter()
+        first, n = None, 0
+        for chunk in llm.create_chat_completion([{"role": "user", "content": prompt}], max_tokens=max_tokens,
+                                                temperature=0, stream=True):
+            if chunk["choices"][0]["delta"].get("content"):
+                first = first or time.perf_counter()
+                n += 1
+        end = time.perf_counter()
+        ttfts.append(first - start)
+        rates.append((n - 1) / (end - first))
+    report["raw_decode"] = {"decode_tok_s": statistics.median(rates), "ttft_ms": 1000 * statistics.median(ttfts)}
+    llm.close()
 
 
 def bench_seed(sentences: list[str], report: dict) -> None:
@@ -221,7 +261,7 @@ def bench_seed(sentences: list[str], report: dict) -> None:
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
 
     def ask(t: str) -> None:
-        ids = tok.apply_chat_template([{"role": "user", "content": PROMPT.format(text=t)}], add_generation_prompt=True,
+        ids = tok.apply_chat_template(sentiment_messages(t), add_generation_prompt=True,
                                       return_tensors="pt", return_dict=True)
         with torch.inference_mode():
             model.generate(**ids, max_new_tokens=1, do_sample=False)
@@ -252,10 +292,50 @@ def markdown(report: dict) -> str:
                   f"- 8 concurrent streams: median time to first token {c['eight_streams']['ttft_ms_median']:.0f} ms, "
                   f"aggregate {c['eight_streams']['aggregate_tok_s']:.1f} tokens/s",
                   "- time to first token by turn (ms): " + ", ".join(f"{t:.0f}" for t in c["ttft_ms_by_turn"])]
+    if report.get("raw_decode"):
+        r = report["raw_decode"]
+        lines += [f"- raw llama-cpp-python `Llama` in process, same prompts: decode {r['decode_tok_s']:.1f} tokens/s, "
+                  f"time to first token {r['ttft_ms']:.0f} ms"]
     lines += ["", "## Peak RSS", "", "| process | peak RSS MB |", "|---|---|"]
     lines += [f"| {r['system']} | {r['peak_rss_mb']:.0f} |" for r in report["rss"]]
+    lines += ["", "## Targets (issue #4)", "", "| target | figure | met |", "|---|---|---|"]
+    lines += [f"| {name} | {figure} | {'yes' if ok else 'no'} |" for name, figure, ok in targets(report)]
     lines += [f"\n- {n}" for n in report["notes"]]
     return "\n".join(lines) + "\n"
+
+
+def targets(report: dict) -> list[tuple[str, str, bool]]:
+    """(target, measured figure, met) for every target whose figures this run has."""
+    rows = []
+    lat = {r["system"]: r for r in report["latency"]}
+    ours = lat.get("allinone (llamacpp)")
+    if ours:
+        rows.append(("sentiment p50 <= 200 ms", f"{ours['p50_ms']:.0f} ms", ours["p50_ms"] <= 200))
+        for name, factor in (("seed-style", 6), ("llama-cpp-python server", 2)):
+            base = next((r for s, r in lat.items() if s.startswith(name)), None)
+            if base:
+                ratio = base["p50_ms"] / ours["p50_ms"]
+                rows.append((f">= {factor}x faster than {name} (p50)", f"{ratio:.2f}x", ratio >= factor))
+    if report.get("throughput"):
+        seq = report["throughput"][0]["sentences_per_s"]
+        best = max(report["throughput"][1:], key=lambda r: r["sentences_per_s"])
+        rows.append((">= 5 sentences/s with batching", f"{best['sentences_per_s']:.2f}/s ({best['clients']} clients)",
+                     best["sentences_per_s"] >= 5))
+        rows.append((">= 2x the sequential throughput", f"{best['sentences_per_s'] / seq:.2f}x", best["sentences_per_s"] >= 2 * seq))
+    chat = report.get("chat")
+    if chat and report.get("raw_decode"):
+        share = chat["one_stream"]["decode_tok_s"] / report["raw_decode"]["decode_tok_s"]
+        rows.append(("one-stream decode >= 95% of raw llama-cpp-python", f"{100 * share:.0f}%", share >= 0.95))
+    if chat:
+        agg = chat["eight_streams"]["aggregate_tok_s"] / chat["one_stream"]["decode_tok_s"]
+        rows.append(("8 streams aggregate >= 2x one stream", f"{agg:.2f}x", agg >= 2))
+        turns = chat["ttft_ms_by_turn"]
+        rows.append(("time to first token turn 10 <= 1.3x turn 1", f"{turns[-1] / turns[0]:.2f}x", turns[-1] <= 1.3 * turns[0]))
+    for r in report["rss"]:
+        limit = {"allinone serve (llamacpp)": 1024, "allinone serve (transformers)": 2560}.get(r["system"])
+        if limit:
+            rows.append((f"peak RSS {r['system']} <= {limit / 1024:.1f} GB", f"{r['peak_rss_mb']:.0f} MB", r["peak_rss_mb"] <= limit))
+    return rows
 
 
 def main() -> None:
@@ -269,15 +349,18 @@ def main() -> None:
     rows = [json.loads(line) for line in args.data.read_text(encoding="utf-8").splitlines() if line.strip()]
     sentences = [r["text"] for r in rows[: args.sentences]]
     report = {"latency": [], "rss": [], "notes": [], "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-              "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.system()}, Python {platform.python_version()}",
+              "machine": f"{cpu_model()}, {os.cpu_count()} cores, {os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GB RAM, "
+                         f"{platform.system()}, Python {platform.python_version()}, no GPU",
               "command": "python benchmarks/serving.py " + " ".join(sys.argv[1:])}
     bench_allinone("llamacpp", sentences, [r["text"] for r in rows[: args.throughput_limit]], report)
     if "transformers" not in args.skip:
         bench_allinone("transformers", sentences, [], report)
-    if "llama-server" not in args.skip:
-        from allinone.models import resolve_model
+    from allinone.models import resolve_model
 
-        bench_llama_server(resolve_model("embedded").path, sentences, report)
+    gguf = resolve_model("embedded").path
+    bench_raw_decode(gguf, report)
+    if "llama-server" not in args.skip:
+        bench_llama_server(gguf, sentences, report)
     if "seed" not in args.skip:
         bench_seed(sentences, report)
     text = markdown(report)

@@ -111,3 +111,26 @@ def test_generic_task_route_rejects_bad_requests(tiny, path, body, status):
     assert r.status_code == status, r.text
     assert "error" in r.json() and r.json()["error"]["message"]
     assert client.get("/health").status_code == 200
+
+
+def test_concurrent_requests_are_batched_and_answer_as_alone(tiny):
+    """16 clients at once: the engine batches their prompts; every answer equals the answer the
+    same text gets alone, and the KV metrics show the task prefix was reused."""
+    import concurrent.futures as cf
+    import time
+
+    client, ai = tiny
+    texts = [f"text number {i} {'好' * (i % 3)}" for i in range(16)]
+    alone = {t: client.post("/v1/tasks/sentiment", json={"text": t}).json()["scores"] for t in texts}
+    before = dict(ai.engine.batch_sizes)
+    with cf.ThreadPoolExecutor(17) as pool:
+        busy = pool.submit(ai.engine.call, lambda b: time.sleep(0.5))  # requests pile up meanwhile
+        together = list(pool.map(lambda t: client.post("/v1/tasks/sentiment", json={"text": t}).json()["scores"], texts))
+    busy.result()
+    for t, scores in zip(texts, together):
+        assert scores == pytest.approx(alone[t], abs=1e-3)
+    grown = {size: n - before.get(size, 0) for size, n in ai.engine.batch_sizes.items()}
+    assert any(size > 1 and n > 0 for size, n in grown.items())  # some requests really shared a batch
+    metrics = client.get("/metrics").text
+    ratio = float(next(line.split()[1] for line in metrics.splitlines() if line.startswith("allinone_kv_prefix_hit_ratio")))
+    assert ratio > 0.5  # most prompt tokens came from the cached task prefix

@@ -13,6 +13,9 @@ Series (``route`` is the route template, e.g. ``/v1/chat/completions``, so cardi
 - ``allinone_queue_depth``: requests waiting for the model (the engine queue).
 - ``allinone_requests_in_flight``: model requests admitted and not finished.
 - ``allinone_model_loaded``: 1 once the model is ready.
+- ``allinone_kv_cache_tokens``: token positions held in the KV cache (running and cached sequences).
+- ``allinone_kv_prefix_hit_ratio``: share of all prompt tokens so far that came from the KV cache
+  instead of being computed (task prefixes, conversations).
 """
 
 from __future__ import annotations
@@ -34,10 +37,11 @@ class Metrics:
         queue_depth: returns the number of requests waiting for the model now.
         in_flight: returns the number of admitted model requests now.
         model_loaded: returns whether the model is ready.
+        kv_pool: returns the backend's :class:`~allinone.backends.kv_cache.KVPool` (or None).
     """
 
     def __init__(self, *, queue_depth: Callable[[], float], in_flight: Callable[[], float],
-                 model_loaded: Callable[[], bool]) -> None:
+                 model_loaded: Callable[[], bool], kv_pool: Callable[[], object | None] = lambda: None) -> None:
         self.registry = CollectorRegistry()
         reg = self.registry
         self.requests = Counter("allinone_requests", "HTTP requests answered", ["route", "method", "status"],
@@ -53,6 +57,14 @@ class Metrics:
               registry=reg).set_function(in_flight)
         Gauge("allinone_model_loaded", "1 once the model is ready", registry=reg).set_function(
             lambda: float(model_loaded()))
+
+        def pool_figure(fn: Callable[[object], float]) -> Callable[[], float]:
+            return lambda: fn(pool) if (pool := kv_pool()) is not None else 0.0
+
+        Gauge("allinone_kv_cache_tokens", "Token positions held in the KV cache", registry=reg).set_function(
+            pool_figure(lambda p: p.used_tokens))
+        Gauge("allinone_kv_prefix_hit_ratio", "Share of prompt tokens taken from the KV cache",
+              registry=reg).set_function(pool_figure(lambda p: p.cached_tokens / max(p.prompt_tokens, 1)))
 
     def count_tokens(self, route: str, prompt_tokens: int, completion_tokens: int) -> None:
         self.prompt_tokens.labels(route).inc(prompt_tokens)

@@ -76,6 +76,7 @@ class ServerState:
             queue_depth=lambda: self.ai.engine.queue_depth if self.ai is not None else 0,
             in_flight=lambda: self.admission.active,
             model_loaded=lambda: self.ai is not None,
+            kv_pool=lambda: getattr(self.ai.engine.backend, "kv", None) if self.ai is not None else None,
         )
 
     def require_ai(self) -> "AllInOne":
