@@ -271,6 +271,26 @@ def test_a_kept_prompt_holds_its_kv_and_is_continued_exactly(backend, reference)
     np.testing.assert_allclose(got, want, atol=TOL, rtol=0)
 
 
+def test_a_batch_whose_prefix_copies_exceed_the_kv_budget_still_runs(tiny_hf_dir, reference):
+    """16 prompts x a cached prefix of ~90 tokens > the 512-position budget: the prompts' prefix
+    copies are never all counted at once, and the batch caches are split to stay within it."""
+    from allinone.backends.transformers import TransformersBackend
+
+    small = TransformersBackend(tiny_hf_dir, n_ctx=512, n_threads=1, kv_cache_mb=0.01)
+    try:
+        assert small.kv.capacity_tokens == 512
+        system = SYSTEM + " " + SYSTEM
+        requests = [(prompt(small, system, f"text number {i}"), [small.tokenize(" yes")]) for i in range(16)]
+        got = small.score_batch(requests)
+        [shared] = [e for e in small.kv.entries if e.shared]
+        assert len(requests) * len(shared.tokens) > small.kv.capacity_tokens
+        want = one_by_one(reference, requests)
+        np.testing.assert_allclose(np.concatenate(got), np.concatenate(want), atol=TOL, rtol=0)
+        assert small.kv.used_tokens <= small.kv.capacity_tokens
+    finally:
+        small.close()
+
+
 def test_bad_requests_are_rejected_and_leave_no_entry_in_use(backend):
     conts = labels(backend)
     long_label = [conts[0][0]] * 20

@@ -125,7 +125,9 @@ def test_concurrent_requests_are_batched_and_answer_as_alone(tiny):
     before = dict(ai.engine.batch_sizes)
     with cf.ThreadPoolExecutor(17) as pool:
         busy = pool.submit(ai.engine.call, lambda b: time.sleep(0.5))  # requests pile up meanwhile
-        together = list(pool.map(lambda t: client.post("/v1/tasks/sentiment", json={"text": t}).json()["scores"], texts))
+        together = list(pool.map(lambda t: client.post("/v1/tasks/sentiment", json={"text": t}).json(), texts))
+    assert all("scores" in r for r in together), together
+    together = [r["scores"] for r in together]
     busy.result()
     for t, scores in zip(texts, together):
         assert scores == pytest.approx(alone[t], abs=1e-3)

@@ -89,7 +89,8 @@ class LlamaCppBackend(Backend):
         self._n_batch = n_batch
         self._batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
         self._free_seqs = list(range(N_SEQ_MAX - 1, -1, -1))
-        self.kv = KVPool(self, capacity_tokens=llama_cpp.llama_n_ctx(self._ctx.ctx), max_entries=N_SEQ_MAX)
+        self.kv = KVPool(self, capacity_tokens=llama_cpp.llama_n_ctx(self._ctx.ctx), max_entries=N_SEQ_MAX,
+                         copies_share=True)
 
         vocab = self._model.vocab
         eog = {t for t in range(self.n_vocab) if llama_cpp.llama_vocab_is_eog(vocab, t)}
@@ -149,6 +150,10 @@ class LlamaCppBackend(Backend):
                 return
             batch.n_tokens = n
             rc = lib.llama_decode(self._ctx.ctx, batch)
+            # 1: no free cells for the batch. llama.cpp finds room for every micro-batch before
+            # it writes anything, so the batch can be retried once idle sequences are evicted.
+            while rc == 1 and self.kv.evict_one(keep=entries):
+                rc = lib.llama_decode(self._ctx.ctx, batch)
             if rc == 1:
                 raise KVCacheFullError("no room in the llama.cpp KV cache for this batch; retry shortly")
             if rc != 0:

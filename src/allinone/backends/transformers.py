@@ -171,16 +171,18 @@ class TransformersBackend(Backend):
         class). Inner tokens always get the exact log-softmax.
 
         Guarantee: the scores equal the one-sequence-at-a-time computation (:meth:`_forward`,
-        the base class) within float tolerance (summation order only; ~1e-6 in FP32), and with
-        ``relative=True`` up to one constant per request.
+        the base class) within float tolerance (only the summation order differs: a few 1e-6
+        in FP32), and with ``relative=True`` up to one constant per request.
 
         KV pool: the same state as the base implementation leaves. Entries are acquired as
         there (same counters, same shared prefix entries created); a request that started from
         a cached prefix of at least ``min_shared`` tokens gives its entry back at once (the base
         class frees it after the call: only the prefix stays cached); any other keeps its entry,
         which gets the prompt's keys and values from the batch cache and stays cached, as in
-        the base class. The batch caches are transient: they are not counted in the pool's
-        budget, and are bounded by it as said above.
+        the base class. So only one per-request copy of a cached prefix is counted in the pool
+        at a time (the base class holds them all at once, and a batch of B prompts needs
+        B x the prefix in budget). The batch caches are transient: they are not counted in the
+        pool's budget, and each is bounded by it as said above.
 
         Args/Returns/Raises: as :meth:`Backend.score_batch`.
         """
