@@ -150,7 +150,7 @@ def test_shared_copies_are_counted_once_when_the_store_shares_memory():
     task = [9] * 10
     for tail in ([1], [2], [3]):
         compute(pool, store, task + tail)
-X
+    # the first prompt (11 own), the shared prefix (all copied) and two copies (1 own token each)
     assert pool.used_tokens == 11 + 0 + 1 + 1
     plain = KVPool(RecordingStore(), capacity_tokens=1000, max_entries=8, min_shared=4)
     for tail in ([1], [2], [3]):
