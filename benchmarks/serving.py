@@ -123,9 +123,12 @@ def latency_row(name: str, seconds: list[float]) -> dict:
     return {"system": name, "p50_ms": 1000 * statistics.median(seconds), "p95_ms": 1000 * pct(seconds, 0.95), "n": len(seconds)}
 
 
+THREADS = os.cpu_count() or 1  # set by --threads: the same for every system measured
+
+
 def allinone_cmd(backend: str, port: int) -> list[str]:
     return [str(ROOT / ".venv/bin/allinone"), "serve", "--port", str(port), "--backend", backend, "--no-ui",
-            "--log-level", "warning", "--max-queue", "256"]
+            "--log-level", "warning", "--max-queue", "1024"]
 
 
 def bench_allinone(backend: str, sentences: list[str], throughput_texts: list[str], report: dict) -> None:
@@ -206,7 +209,7 @@ def chat_figures(base: str) -> dict:
 def bench_llama_server(gguf: Path, sentences: list[str], report: dict) -> None:
     port = free_port()
     cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--port", str(port), "--n_ctx", "4096",
-           "--n_threads", str(os.cpu_count())]
+           "--n_threads", str(THREADS), "--n_threads_batch", str(THREADS)]
     try:
         ctx = server(cmd, port, "/v1/models")
         base, proc = ctx.__enter__()
@@ -232,7 +235,7 @@ def bench_raw_decode(gguf: Path, report: dict, max_tokens: int = 96) -> None:
     prompts as the one-stream chat figure): the ceiling allinone's decode is compared with."""
     from llama_cpp import Llama
 
-    llm = Llama(model_path=str(gguf), n_ctx=4096, n_threads=os.cpu_count(), verbose=False)
+    llm = Llama(model_path=str(gguf), n_ctx=4096, n_threads=THREADS, n_threads_batch=THREADS, verbose=False)
     rates, ttfts = [], []
     for prompt in CHAT_PROMPTS[:3]:
         start = time.perf_counter()
@@ -256,6 +259,7 @@ def bench_seed(sentences: list[str], report: dict) -> None:
 
     from allinone.models import gguf_to_hf, resolve_model
 
+    torch.set_num_threads(THREADS)
     folder = gguf_to_hf(resolve_model("embedded").path)
     tok = AutoTokenizer.from_pretrained(folder)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
@@ -345,11 +349,15 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=DATA)
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks.md")
     parser.add_argument("--skip", nargs="*", default=[], choices=["transformers", "seed", "llama-server"])
+    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="CPU threads of every system measured")
     args = parser.parse_args()
+    global THREADS
+    THREADS = args.threads
+    os.environ["ALLINONE_N_THREADS"] = str(THREADS)  # the allinone servers read it
     rows = [json.loads(line) for line in args.data.read_text(encoding="utf-8").splitlines() if line.strip()]
     sentences = [r["text"] for r in rows[: args.sentences]]
     report = {"latency": [], "rss": [], "notes": [], "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-              "machine": f"{cpu_model()}, {os.cpu_count()} cores, {os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GB RAM, "
+              "machine": f"{cpu_model()}, {os.cpu_count()} cores ({args.threads} thread(s) per system measured), {os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GB RAM, "
                          f"{platform.system()}, Python {platform.python_version()}, no GPU",
               "command": "python benchmarks/serving.py " + " ".join(sys.argv[1:])}
     bench_allinone("llamacpp", sentences, [r["text"] for r in rows[: args.throughput_limit]], report)

@@ -104,7 +104,7 @@ def test_load_tiny_model_end_to_end(backend_name, tiny_gguf_path, tiny_hf_dir, t
     if backend_name == "llamacpp":
         pytest.importorskip("llama_cpp")
     model = tiny_gguf_path if backend_name == "llamacpp" else tiny_hf_dir
-    with AllInOne.load(str(model), backend=backend_name, n_ctx=512, cache_dir=tmp_path) as ai:
+    with AllInOne.load(str(model), backend=backend_name, n_ctx=2048, cache_dir=tmp_path) as ai:
         assert ai.backend_name == backend_name
         result = ai.sentiment("这家酒店很好 😀")
         assert result.label in SENTIMENT.labels
