@@ -252,16 +252,25 @@ class Engine:
                 ready.append((job, request, context))
             except Exception as exc:
                 self._fail(job, exc)
-        if not ready:
-            return
-        self.batch_sizes[len(ready)] = self.batch_sizes.get(len(ready), 0) + 1
+        # Long prompts together could overflow the KV cache: at most half of it per batch.
+        budget = max(1, self.backend.kv.capacity_tokens // 2) if hasattr(self.backend, "kv") else None
+        while ready:
+            size, total = 0, 0
+            while size < len(ready) and (size == 0 or budget is None or total + len(ready[size][1][0]) <= budget):
+                total += len(ready[size][1][0])
+                size += 1
+            batch, ready = ready[:size], ready[size:]
+            self._run_score_batch(batch)
+
+    def _run_score_batch(self, batch: list[tuple[_Job, ScoreRequest, Any]]) -> None:
+        self.batch_sizes[len(batch)] = self.batch_sizes.get(len(batch), 0) + 1
         try:
-            scores = self.backend.score_batch([r for _, r, _ in ready], relative=True)
+            scores = self.backend.score_batch([r for _, r, _ in batch], relative=True)
         except Exception as exc:
-            for job, _, _ in ready:
+            for job, _, _ in batch:
                 self._fail(job, exc)
             return
-        for (job, _, context), logps in zip(ready, scores):
+        for (job, _, context), logps in zip(batch, scores):
             try:
                 job.out.put(("ok", job.finish(self.backend, logps, context)))
             except Exception as exc:

@@ -185,3 +185,29 @@ def test_the_plan_comes_back_with_the_reply():
     assert "".join(p.text for p in pieces) == "hi" and pieces[-1].finish_reason == "stop"
     assert stream.plan.info == "mine" and stream.plan.prompt_ids == [1, 2, 3]
     engine.close()
+
+
+def test_a_batch_of_long_prompts_is_split_to_fit_the_kv_cache():
+    class Pool:
+        capacity_tokens = 100
+
+    backend = FakeBackend(label_logps={"a": -1.0})
+    backend.kv = Pool()
+    engine = Engine(backend, max_batch=8)
+    backend.gate.clear()
+    blocker = reply(engine, max_tokens=1)
+    consumer = threading.Thread(target=lambda: list(blocker))
+    consumer.start()
+    time.sleep(0.1)
+    long_prompt = list(range(30))  # 30 tokens: at most 50 (half the cache) per batch -> one each
+    threads, results = in_threads([
+        lambda: engine.score(lambda b: ((long_prompt, [b.tokenize("a")]), None), lambda b, lp, ctx: lp)
+    ] * 4)
+    time.sleep(0.2)
+    backend.gate.set()
+    for t in threads:
+        t.join()
+    consumer.join()
+    assert results == [[-1.0]] * 4
+    assert backend.batches == [1, 1, 1, 1]
+    engine.close()
