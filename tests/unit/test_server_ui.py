@@ -148,7 +148,8 @@ def test_picking_a_task_shows_the_parameters_it_takes(ner_ai):
     assert not intent["types"]["visible"] and not intent["max_tokens"]["visible"] and not intent["example"]["visible"]
     sentiment3 = controls("sentiment3")
     assert sentiment3["labels"]["placeholder"] == "positive, neutral, negative"
-    assert sentiment3["calibrate"] == {"__type__": "update", "visible": True, "value": True}
+    declared = ner_ai.tasks.get("sentiment3").defaults.calibrate  # the box starts at the task's default
+    assert sentiment3["calibrate"] == {"__type__": "update", "visible": True, "value": declared}
     ner = controls("ner")
     assert ner["types"]["visible"] and ner["types"]["placeholder"] == "PER, ORG, LOC, MISC"
     assert not ner["labels"]["visible"] and not ner["calibrate"]["visible"]
