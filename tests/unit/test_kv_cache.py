@@ -142,17 +142,3 @@ def test_fork_copies_and_counts():
     pool.release(fork, keep=False)
     pool.release(entry)
     assert pool.prompt_tokens == 9 and pool.cached_tokens == 4
-
-
-def test_shared_copies_are_counted_once_when_the_store_shares_memory():
-    store = RecordingStore()
-    pool = KVPool(store, capacity_tokens=1000, max_entries=8, min_shared=4, copies_share=True)
-    task = [9] * 10
-    for tail in ([1], [2], [3]):
-        compute(pool, store, task + tail)
-    # the first prompt (11 own), the shared prefix (all copied) and two copies (1 own token each)
-    assert pool.used_tokens == 11 + 0 + 1 + 1
-    plain = KVPool(RecordingStore(), capacity_tokens=1000, max_entries=8, min_shared=4)
-    for tail in ([1], [2], [3]):
-        compute(plain, plain.store, task + tail)
-    assert plain.used_tokens == 11 + 10 + 11 + 11

@@ -255,8 +255,17 @@ class Backend(abc.ABC):
                 scores.append([float(logp[c[0]]) for c in conts])
             inner = [(i, j, list(c)) for i, (_, conts) in enumerate(requests) for j, c in enumerate(conts) if len(c) > 1]
             while inner:
-                room = max(1, self.kv.max_entries - sum(e.in_use for e in self.kv.entries))
-                group, inner = inner[:room], inner[room:]
+                # each fork is a copy of its prompt: as many as free sequences and budget allow
+                room = self.kv.max_entries - sum(e.in_use for e in self.kv.entries)
+                budget = self.kv.capacity_tokens - sum(len(e.tokens) for e in self.kv.entries if e.in_use)
+                size, cost = 0, 0
+                while size < len(inner):
+                    i, _, c = inner[size]
+                    cost += len(held[i].tokens) + len(c)
+                    if size and (size >= room or cost > budget):
+                        break
+                    size += 1
+                group, inner = inner[:size], inner[size:]
                 forks: list[KVEntry] = []
                 try:
                     for i, _, _ in group:

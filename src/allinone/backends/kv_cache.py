@@ -56,7 +56,6 @@ class KVEntry:
         shared: a prefix kept only as a copy source (never continued in place).
         in_use: held by a running request; not evictable.
         last_used: logical clock of the last use, for LRU eviction.
-        copied: leading positions copied from another entry when it was made.
     """
 
     handle: Any
@@ -64,7 +63,6 @@ class KVEntry:
     shared: bool = False
     in_use: bool = False
     last_used: int = 0
-    copied: int = 0
 
 
 def common_prefix_len(a: Sequence[int], b: Sequence[int], limit: int | None = None) -> int:
@@ -85,17 +83,15 @@ class KVPool:
             counted once per entry, so the true memory use is at most this).
         max_entries: the most entries at once (llama.cpp: its sequence slots).
         min_shared: the shortest common prefix worth keeping as a shared entry, in tokens.
-        copies_share: the store's copies share memory with their source (llama.cpp's unified
-            cache tags the same cells with both sequences): copied positions are then not
-            counted again. The count can then fall short of the truth once a source is evicted
-            while its copies live on; the backend must report a full cache as
-            :class:`KVCacheFullError` after evicting what it can (llama.cpp does).
+
+    Every entry's positions are counted, copied ones included. Where copies share memory with
+    their source (llama.cpp tags the same cells with both sequences) the count is an upper
+    bound: counting only a copy's own positions fell short once a source was evicted while its
+    copies lived on, and llama.cpp ran out of cells.
     """
 
-    def __init__(self, store: KVStore, *, capacity_tokens: int, max_entries: int, min_shared: int = 16,
-                 copies_share: bool = False) -> None:
+    def __init__(self, store: KVStore, *, capacity_tokens: int, max_entries: int, min_shared: int = 16) -> None:
         self.store = store
-        self.copies_share = copies_share
         self.capacity_tokens = capacity_tokens
         self.max_entries = max_entries
         self.min_shared = min_shared
@@ -107,9 +103,7 @@ class KVPool:
 
     @property
     def used_tokens(self) -> int:
-        """Token positions held (copied positions counted once when copies share memory)."""
-        if self.copies_share:
-            return sum(max(0, len(e.tokens) - e.copied) for e in self.entries)
+        """Token positions held, summed over entries."""
         return sum(len(e.tokens) for e in self.entries)
 
     def acquire(self, prompt: Sequence[int]) -> tuple[KVEntry, int]:
@@ -201,7 +195,6 @@ class KVPool:
         finally:
             src.in_use = was_in_use
         entry.tokens = list(src.tokens[:n])
-        entry.copied = n
         if shared:
             entry.shared, entry.in_use = True, False
         return entry
