@@ -24,6 +24,9 @@ TASKS_SCREENSHOT = SCREENSHOT.with_name("ui-tasks.png")
 REPLY = "Congratulations on the promotion! 🎉 Enjoy the moment — you earned it."
 MESSAGE = "I just got promoted and I can't stop smiling!"
 
+# generous: on a busy 2-core machine the first answer also computes the task prompts
+WAIT_MS = 120_000
+
 
 @pytest.fixture(scope="module")
 def browser():
@@ -45,12 +48,12 @@ def test_chat_shows_sentiment_and_streamed_reply(browser, tmp_path):
         page = browser.new_page(viewport={"width": 1100, "height": 900})
         page.goto(f"{url}/ui/", wait_until="domcontentloaded")
         box = page.locator("#message textarea")
-        box.wait_for(timeout=30_000)
+        box.wait_for(timeout=WAIT_MS)
         box.fill(MESSAGE)
         page.locator("#send").click()
         chat = page.locator("#chat")
-        chat.get_by_text("😊 positive").wait_for(timeout=30_000)  # the badge under the user's message
-        chat.get_by_text("you earned it.").wait_for(timeout=30_000)  # the whole reply has streamed in
+        chat.get_by_text("😊 positive").wait_for(timeout=WAIT_MS)  # the badge under the user's message
+        chat.get_by_text("you earned it.").wait_for(timeout=WAIT_MS)  # the whole reply has streamed in
         assert MESSAGE in chat.inner_text()
         assert "positive" in page.locator("#sentiment").inner_text()  # the probabilities panel
         assert "generate" in backend.calls
@@ -71,10 +74,10 @@ def pick_task(page, name: str) -> list[str]:
     names the dropdown offered."""
     page.locator("#task input").click()
     options = page.get_by_role("option")
-    options.first.wait_for(timeout=30_000)
+    options.first.wait_for(timeout=WAIT_MS)
     offered = [o.split(" — ")[0].lstrip("✓").strip() for o in options.all_inner_texts()]
     options.filter(has_text=re.compile(rf"^\W*{name} — ")).click()
-    page.locator("#task-info").get_by_text(name, exact=True).wait_for(timeout=30_000)
+    page.locator("#task-info").get_by_text(name, exact=True).wait_for(timeout=WAIT_MS)
     return offered
 
 
@@ -82,12 +85,12 @@ def test_tasks_tab_runs_a_chosen_task_like_the_api(browser, tmp_path):
     backend = FakeBackend(NER_REPLY, label_logps={"BookFlight": -0.1, "PlayMusic": -2.5})
     app, _, ai = fake_app(tmp_path, backend, ui=True)
     with live_server(app) as url:
-        api = httpx.Client(base_url=url, timeout=30)
+        api = httpx.Client(base_url=url, timeout=WAIT_MS / 1000)
         page = browser.new_page(viewport={"width": 1100, "height": 900})
         page.goto(f"{url}/ui/", wait_until="domcontentloaded")
-        page.locator("#message textarea").wait_for(timeout=30_000)
+        page.locator("#message textarea").wait_for(timeout=WAIT_MS)
         page.get_by_role("tab", name="Tasks").click()
-        page.locator("#task-info").get_by_text("sentiment", exact=True).wait_for(timeout=30_000)  # the default
+        page.locator("#task-info").get_by_text("sentiment", exact=True).wait_for(timeout=WAIT_MS)  # the default
 
         # intent: a label set given per request, shown as probability bars
         assert pick_task(page, "intent") == ai.tasks.names()  # every task is offered
@@ -95,12 +98,12 @@ def test_tasks_tab_runs_a_chosen_task_like_the_api(browser, tmp_path):
         page.locator("#task-text textarea").fill("")
         page.locator("#task-run").click()
         toast = page.locator(".toast-body").filter(has_text="Type or paste a text first.")
-        toast.wait_for(timeout=30_000)
+        toast.wait_for(timeout=WAIT_MS)
         toast.locator(".toast-close").click()
-        toast.wait_for(state="detached", timeout=30_000)
+        toast.wait_for(state="detached", timeout=WAIT_MS)
         page.locator("#task-text textarea").fill("fly me to Rome")
         page.locator("#task-run").click()
-        page.locator("#task-label").get_by_text("PlayMusic").wait_for(timeout=30_000)
+        page.locator("#task-label").get_by_text("PlayMusic").wait_for(timeout=WAIT_MS)
         body = {"text": "fly me to Rome", "labels": ["BookFlight", "PlayMusic"]}
         expected = api.post("/v1/tasks/intent", json=body).json()
         shown = page.locator("#task-label").inner_text()
@@ -113,7 +116,7 @@ def test_tasks_tab_runs_a_chosen_task_like_the_api(browser, tmp_path):
         pick_task(page, "ner")
         page.locator("#task-text textarea").fill(NER_TEXT)
         page.locator("#task-run").click()
-        page.locator("#task-table").get_by_test_id("cell-0-0").wait_for(timeout=30_000)
+        page.locator("#task-table").get_by_test_id("cell-0-0").wait_for(timeout=WAIT_MS)
         expected = api.post("/v1/tasks/ner", json={"text": NER_TEXT}).json()
         entities = expected["data"]["entities"]
         assert [e["text"] for e in entities] == ["Angela Merkel", "Emmanuel Macron", "Paris"]  # Berlin: not in the text
@@ -126,7 +129,7 @@ def test_tasks_tab_runs_a_chosen_task_like_the_api(browser, tmp_path):
         page.screenshot(path=str(TASKS_SCREENSHOT), full_page=True)
         page.get_by_text("JSON (as the HTTP API returns it)").click()
         tree = page.locator("#task-json")
-        tree.get_by_text('"finish_reason"').wait_for(timeout=30_000)
+        tree.get_by_text('"finish_reason"').wait_for(timeout=WAIT_MS)
         result = {k: v for k, v in expected.items() if k not in ("object", "task", "model")}
         assert "".join(tree.inner_text().split("\n")) == json.dumps(result, ensure_ascii=False, separators=(",", ":"))
         page.close()

@@ -332,6 +332,14 @@ class Backend(abc.ABC):
             the sampled token id per state, in order (end tokens included: stopping is the
             caller's business, see :class:`TextStreamer`).
         """
+        fresh = [s for s in states if len(s.pending) > 1]
+        if fresh:
+            # The prompt's last token is computed on its own, as every reply token is: llama.cpp
+            # rounds differently for one token than inside a batch, and otherwise the first reply
+            # token (greedy too) would depend on how much of the prompt happened to be cached.
+            self.forward([s.entry for s in fresh], [s.pending[:-1] for s in fresh])
+            for s in fresh:
+                s.pending = s.pending[-1:]
         rows = self.forward([s.entry for s in states], [s.pending for s in states])
         out = []
         for state, logits in zip(states, rows):
