@@ -109,8 +109,6 @@ class GenState:
     sampling: SamplingParams
     rng: np.random.Generator
     matcher: object | None = None
-    #: prompt length in tokens
-    n_prompt: int = 0
     #: the context window is full: no further token can be computed
     exhausted: bool = False
 
@@ -232,11 +230,7 @@ class Backend(abc.ABC):
         Raises:
             InvalidInputError: an empty prefix or continuation, or a prefix over the context.
         """
-        for prefix, conts in requests:
-            if not prefix:
-                raise InvalidInputError("score needs a non-empty prefix")
-            if any(not c for c in conts):
-                raise InvalidInputError("score needs non-empty continuations")
+        self._check_score_requests(requests)
         if len(requests) > 1:
             self._cache_common_prefix([p for p, _ in requests])
         held: list[KVEntry] = []
@@ -281,6 +275,18 @@ class Backend(abc.ABC):
             for entry, kept in zip(held, keep):
                 self.kv.release(entry, keep=kept and bool(entry.tokens))
 
+    def _check_score_requests(self, requests: Sequence[ScoreRequest]) -> None:
+        """Reject an empty prefix or continuation, or one that would not fit the context, before
+        any KV entry is taken."""
+        for prefix, conts in requests:
+            if not prefix:
+                raise InvalidInputError("score needs a non-empty prefix")
+            if any(not c for c in conts):
+                raise InvalidInputError("score needs non-empty continuations")
+            longest = len(prefix) + max([len(c) - 1 for c in conts], default=0)
+            if longest >= self.n_ctx:
+                raise InvalidInputError(f"prompt of {longest} tokens does not fit the context of {self.n_ctx}")
+
     def _cache_common_prefix(self, prompts: Sequence[Sequence[int]]) -> None:
         """Compute the prefix all ``prompts`` share once, as a shared KV entry, so that a batch
         arriving before any of its prompts is cached does not compute it once per prompt."""
@@ -322,7 +328,7 @@ class Backend(abc.ABC):
         matcher = self.json_matcher(json_schema) if json_schema is not None else None
         entry, n = self.kv.acquire(prompt)
         return GenState(entry=entry, pending=prompt[n:], history=prompt, sampling=sampling,
-                        rng=np.random.default_rng(sampling.seed), matcher=matcher, n_prompt=len(prompt))
+                        rng=np.random.default_rng(sampling.seed), matcher=matcher)
 
     def step(self, states: Sequence[GenState]) -> list[int]:
         """Compute one token for each state in one forward pass (continuous batching): the

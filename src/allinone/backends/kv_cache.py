@@ -155,7 +155,7 @@ class KVPool:
             KVCacheFullError: not enough room even with every idle entry evicted.
         """
         while self.used_tokens + n > self.capacity_tokens:
-            if not self._evict_one(keep):
+            if not self.evict_one(keep):
                 raise KVCacheFullError(
                     f"the KV cache is full ({self.used_tokens} of {self.capacity_tokens} tokens in use); "
                     "retry shortly or raise kv_cache_mb"
@@ -176,7 +176,7 @@ class KVPool:
     # -- internals ----------------------------------------------------------------------
     def _new_entry(self, *, keep: Sequence[KVEntry] = ()) -> KVEntry:
         while len(self.entries) >= self.max_entries:
-            if not self._evict_one(keep):
+            if not self.evict_one(keep):
                 raise KVCacheFullError(f"all {self.max_entries} KV sequences are in use; retry shortly")
         entry = KVEntry(self.store.kv_new(), in_use=True, last_used=next(self._clock))
         self.entries.append(entry)
@@ -201,9 +201,6 @@ class KVPool:
 
     def evict_one(self, keep: Sequence[KVEntry] = ()) -> bool:
         """Evict the least recently used idle entry not in ``keep``; False if there is none."""
-        return self._evict_one(keep)
-
-    def _evict_one(self, keep: Sequence[KVEntry]) -> bool:
         idle = [e for e in self.entries if not e.in_use and e not in keep]
         if not idle:
             return False

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import BackendUnavailableError, InvalidInputError
+from ..errors import BackendUnavailableError
 from .base import Backend, ScoreRequest
 from .chat_template import ChatTemplate
 from .kv_cache import KVEntry, KVPool
@@ -189,14 +189,7 @@ class TransformersBackend(Backend):
         if not self._batched_scoring:
             return super().score_batch(requests, relative=relative)
         requests = [(list(p), [list(c) for c in conts]) for p, conts in requests]
-        for prefix, conts in requests:
-            if not prefix:
-                raise InvalidInputError("score needs a non-empty prefix")
-            if any(not c for c in conts):
-                raise InvalidInputError("score needs non-empty continuations")
-            longest = len(prefix) + max([len(c) - 1 for c in conts], default=0)
-            if longest >= self.n_ctx:
-                raise InvalidInputError(f"prompt of {longest} tokens does not fit the context of {self.n_ctx}")
+        self._check_score_requests(requests)
         if len(requests) > 1:
             self._cache_common_prefix([p for p, _ in requests])
         scores = [[0.0] * len(conts) for _, conts in requests]
