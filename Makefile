@@ -6,7 +6,7 @@ DATA   ?= ../shared/data
 EXTRAS ?= embedded,llamacpp,transformers,server,test
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: demo test install browser clean
+.PHONY: demo test lint install browser screenshots clean
 
 # The venv is (re)built when pyproject.toml changes. torch==2.13.0 goes first: it is the CPU
 # build on this machine's disk, and a plain `torch` requirement would pull a multi-GB CUDA build.
@@ -31,8 +31,15 @@ demo: install
 		| $(VENV)/bin/allinone sentiment
 	$(VENV)/bin/allinone eval sentiment --data $(DATA)/sst2_dev.jsonl --limit 100
 
-test: install browser
+lint: install
+	$(VENV)/bin/ruff check src tests benchmarks
+
+test: install browser lint
 	$(PY) -m pytest
+
+# Refresh the UI pictures in docs/ (the test run itself writes its screenshots to a temp folder).
+screenshots: install browser
+	SCREENSHOT_DIR=docs $(PY) -m pytest -m browser -q
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info

@@ -47,11 +47,11 @@ DATA = ROOT.parent / "shared" / "data" / "sst2_dev.jsonl"
 def sentiment_messages(text: str) -> list[dict]:
     """The messages allinone's sentiment task sends for ``text``: the baselines get the very
     same prompt, so only the serving differs."""
-    from allinone.tasks import TaskRegistry
-    from allinone.tasks.runner import build_request, compile_classify
+    from allinone.tasks import Limits, TaskRegistry, kind_of
 
     spec = TaskRegistry().get("sentiment")
-    return compile_classify(spec, build_request(spec, text, {})).messages(text)
+    kind = kind_of(spec)
+    return kind.compile(spec, kind.request(spec, text, {}, Limits())).prompt.written(text)
 
 
 def cpu_model() -> str:
@@ -272,7 +272,6 @@ def bench_seed(sentences: list[str], report: dict) -> None:
 
     ask("warm up")
     report["latency"].append(latency_row("seed-style (transformers FP32, generate 1 token)", timed(ask, sentences)))
-    del model
 
 
 def markdown(report: dict) -> str:

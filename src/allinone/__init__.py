@@ -7,15 +7,24 @@
 """
 
 from .api import AllInOne
-from .errors import AllInOneError, InvalidInputError, ModelSourceError, UnknownTaskError
-from .results import (AnalyzeResult, ChatChunk, ChatResult, ClassifyResult, ExtractResult, SentimentResult,
-                      TaskResult, Usage)
+from .errors import AllInOneError, InvalidInputError, ModelSourceError, TaskDeclarationError, UnknownTaskError
+from .results import (
+                      AnalyzeResult,
+                      ChatChunk,
+                      ChatResult,
+                      ClassifyResult,
+                      ExtractResult,
+                      SentimentResult,
+                      TaskResult,
+                      Usage,
+)
 from .settings import Settings
-from .tasks import TaskDeclarationError, TaskRegistry, TaskSpec
+from .tasks import TaskRegistry, TaskSpec
+from .types import SamplingParams
 
 __all__ = [
     "AllInOne", "AllInOneError", "AnalyzeResult", "ChatChunk", "ChatResult", "ClassifyResult", "ExtractResult",
-    "InvalidInputError", "ModelSourceError", "SentimentResult", "Settings", "TaskDeclarationError",
+    "InvalidInputError", "ModelSourceError", "SamplingParams", "SentimentResult", "Settings", "TaskDeclarationError",
     "TaskRegistry", "TaskResult", "TaskSpec", "UnknownTaskError", "Usage",
 ]
 __version__ = "0.1.0"

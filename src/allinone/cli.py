@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import functools
+import inspect
 import json
 import sys
+import types
+import typing
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -17,10 +20,62 @@ from .errors import AllInOneError, InvalidInputError
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 err = Console(stderr=True)
 
-ModelOpt = Annotated[str, typer.Option("--model", "-m", help="embedded, embedded-1.5b, a .gguf, an HF folder or a Hub id")]
-BackendOpt = Annotated[str, typer.Option("--backend", "-b", help="auto, llamacpp or transformers")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="print one JSON object")]
 TasksDirOpt = Annotated[Optional[Path], typer.Option("--tasks-dir", help="a folder of task files (*.toml) to add")]
+#: short forms of a few settings' flags
+_SHORT = {"model": "-m", "backend": "-b"}
+
+
+def _cli_type(annotation: Any) -> Any:
+    """The CLI type of a settings field: its plain type (literals as text), optional."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if typing.get_origin(annotation) is typing.Literal:
+        return str
+    if typing.get_origin(annotation) in (types.UnionType, typing.Union) and len(args) == 1:
+        return _cli_type(args[0])
+    if typing.get_origin(annotation) is list:
+        return list[str]
+    return annotation
+
+
+def with_settings(*, server: bool = False):
+    """Give a command one option per :class:`Settings` field (generated: no hand-kept list), e.g.
+    ``--n-ctx``, ``--kv-cache-mb``; ``server`` adds the serving fields. The values given reach
+    the command as ``options`` (a dict of the fields set on the command line); unset ones come
+    from ``ALLINONE_*`` variables or the defaults."""
+    from .settings import SERVER_FIELDS, Settings
+
+    def decorate(fn):
+        sig = inspect.signature(fn, eval_str=True)
+        own = [p for p in sig.parameters.values() if p.name != "options"]
+        names = [n for n in Settings.model_fields if n not in sig.parameters and (server or n not in SERVER_FIELDS)]
+        extra = []
+        for name in names:
+            field = Settings.model_fields[name]
+            cli_type = _cli_type(field.annotation)
+            flag = "--" + name.replace("_", "-")
+            decls = [f"{flag}/--no-{flag[2:]}"] if cli_type is bool else [flag]
+            decls += [_SHORT[name]] if name in _SHORT else []
+            hint = field.description or ""
+            if typing.get_origin(field.annotation) is typing.Literal:
+                hint += f" ({', '.join(map(str, typing.get_args(field.annotation)))})"
+            if cli_type == list[str]:
+                hint += " (repeatable)"
+            option = typer.Option(*decls, help=hint, show_default=False, rich_help_panel="Settings")
+            extra.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None,
+                                           annotation=Annotated[Optional[cli_type], option]))
+
+        @functools.wraps(fn)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            options = {n: kwargs.pop(n) for n in names if n in kwargs}
+            options = {n: v for n, v in options.items() if v not in (None, [])}
+            return fn(*args, options=options, **kwargs)
+
+        wrapper.__signature__ = sig.replace(parameters=[*own, *extra])
+        wrapper.__annotations__ = {}
+        return wrapper
+
+    return decorate
 
 
 def _handle_errors(fn):
@@ -34,26 +89,29 @@ def _handle_errors(fn):
             err.print(f"[red]error:[/red] {exc.message}", highlight=False)
             raise typer.Exit(2 if exc.status_code < 500 else 1) from None
         except ValidationError as exc:
-            err.print(f"[red]error:[/red] invalid option: {exc.errors()[0]['msg']} ({exc.errors()[0]['loc']})")
+            first = exc.errors()[0]
+            where = ".".join(str(p) for p in first["loc"])
+            err.print(f"[red]error:[/red] invalid option {where}: {first['msg']}", highlight=False)
             raise typer.Exit(2) from None
 
     return wrapper
 
 
-def _load(model: str, backend: str, **options: Any):
+def _load(options: dict[str, Any], **fixed: Any):
     from .api import AllInOne
+    from .settings import Settings
 
-    options = {k: v for k, v in options.items() if v is not None}
-    with err.status(f"loading {model} on {backend}..."):
-        return AllInOne.load(model=model, backend=backend, **options)
+    settings = Settings(**{**options, **fixed})
+    with err.status(f"loading {settings.model} on {settings.backend}..."):
+        return AllInOne.from_settings(settings)
 
 
-def _registry(tasks_dir: Optional[Path]):
+def _registry(options: dict[str, Any]):
     """The tasks a command can use, without loading a model (ALLINONE_TASKS_DIR applies too)."""
     from .settings import Settings
     from .tasks import TaskRegistry
 
-    return TaskRegistry(tasks_dir=tasks_dir if tasks_dir is not None else Settings().tasks_dir)
+    return TaskRegistry(tasks_dir=options.get("tasks_dir", Settings().tasks_dir))
 
 
 def _names(value: Optional[str]) -> Optional[list[str]]:
@@ -92,14 +150,15 @@ def _read_texts(text: Optional[str], file: Optional[Path]) -> list[str]:
 
 @app.command()
 @_handle_errors
+@with_settings()
 def sentiment(
     text: Annotated[Optional[str], typer.Argument(help="the text; omit to read lines from stdin")] = None,
     file: Annotated[Optional[Path], typer.Option("--file", "-f", help="a JSONL file with a 'text' field")] = None,
-    model: ModelOpt = "embedded", backend: BackendOpt = "auto", as_json: JsonOpt = False,
+    as_json: JsonOpt = False, options: Optional[dict] = None,
 ) -> None:
     """Label text positive or negative, with probabilities (one line per text)."""
     texts = _read_texts(text, file)
-    ai = _load(model, backend)
+    ai = _load(options)
     for t in texts:
         result = ai.sentiment(t)
         if as_json:
@@ -111,6 +170,7 @@ def sentiment(
 
 @app.command()
 @_handle_errors
+@with_settings()
 def chat(
     message: Annotated[Optional[str], typer.Argument(help="answer this once; omit for an interactive chat")] = None,
     system: Annotated[Optional[str], typer.Option(help="system prompt")] = None,
@@ -118,11 +178,11 @@ def chat(
     top_p: float = 0.8,
     max_tokens: int = 512,
     seed: Optional[int] = None,
-    model: ModelOpt = "embedded", backend: BackendOpt = "auto", as_json: JsonOpt = False,
+    as_json: JsonOpt = False, options: Optional[dict] = None,
 ) -> None:
     """Chat with the model: one answer for MESSAGE, or a REPL with streaming (/reset, /exit)."""
-    sampling = dict(temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=seed)
-    ai = _load(model, backend)
+    sampling = {"temperature": temperature, "top_p": top_p, "max_tokens": max_tokens, "seed": seed}
+    ai = _load(options)
     if message is not None:
         if as_json:
             _dump(ai.chat(message, system=system, **sampling).to_dict())
@@ -166,19 +226,19 @@ def _print_stream(chunks) -> str:
 
 @app.command()
 @_handle_errors
+@with_settings()
 def analyze(
     text: Annotated[str, typer.Argument(help="the user's message")],
     task: Annotated[Optional[list[str]], typer.Option("--task", "-t", help="run these tasks instead (repeatable)")] = None,
     max_tokens: int = 256,
     temperature: float = 0.7,
-    tasks_dir: TasksDirOpt = None,
-    model: ModelOpt = "embedded", backend: BackendOpt = "auto", as_json: JsonOpt = False,
+    as_json: JsonOpt = False, options: Optional[dict] = None,
 ) -> None:
     """The sentiment of TEXT plus a chat reply to it; or, with --task, several tasks on TEXT."""
     if task:
         for name in task:
-            _registry(tasks_dir).get(name)  # an unknown task fails before the model loads
-    ai = _load(model, backend, tasks_dir=tasks_dir)
+            _registry(options).get(name)  # an unknown task fails before the model loads
+    ai = _load(options)
     result = ai.analyze(text, tasks=task or None, max_tokens=max_tokens, temperature=temperature)
     if as_json:
         _dump(result.to_dict())
@@ -204,6 +264,7 @@ def _brief(result: Any) -> str:
 
 @app.command()
 @_handle_errors
+@with_settings()
 def run(
     task: Annotated[str, typer.Argument(help="the task's name (see `allinone tasks`)")],
     text: Annotated[Optional[str], typer.Argument(help="the text; omit to read lines from stdin")] = None,
@@ -215,16 +276,15 @@ def run(
     max_tokens: Annotated[Optional[int], typer.Option(help="extract/generate: answer budget")] = None,
     temperature: Annotated[Optional[float], typer.Option(help="extract/generate: 0 = greedy")] = None,
     param: Annotated[Optional[list[str]], typer.Option("--param", "-p", help="any other task parameter, KEY=VALUE (repeatable)")] = None,
-    tasks_dir: TasksDirOpt = None,
-    model: ModelOpt = "embedded", backend: BackendOpt = "auto", as_json: JsonOpt = False,
+    as_json: JsonOpt = False, options: Optional[dict] = None,
 ) -> None:
     """Run any task (built-in or declared in a task file) on TEXT: one result per text."""
-    _registry(tasks_dir).get(task)  # an unknown task fails before the model loads
+    _registry(options).get(task)  # an unknown task fails before the model loads
     params = {**_params(param), "labels": _names(labels), "types": _names(types), "lang": lang,
               "calibrate": calibrate, "max_tokens": max_tokens, "temperature": temperature}
     params = {k: v for k, v in params.items() if v is not None}
     texts = _read_texts(text, file)
-    ai = _load(model, backend, tasks_dir=tasks_dir)
+    ai = _load(options)
     for t in texts:
         result = ai.run(task, t, **params)
         if as_json:
@@ -237,7 +297,7 @@ def run(
 @_handle_errors
 def tasks(tasks_dir: TasksDirOpt = None, as_json: JsonOpt = False) -> None:
     """List the tasks: built-ins plus those in the tasks folder (with --json: their input/output schemas)."""
-    registry = _registry(tasks_dir)
+    registry = _registry({"tasks_dir": tasks_dir} if tasks_dir is not None else {})
     if as_json:
         _dump(registry.list())
         return
@@ -247,6 +307,7 @@ def tasks(tasks_dir: TasksDirOpt = None, as_json: JsonOpt = False) -> None:
 
 @app.command("eval")
 @_handle_errors
+@with_settings()
 def eval_task(
     task: Annotated[str, typer.Argument(help="the task's name, e.g. sentiment, sentiment3, intent, ner, keywords")],
     data: Annotated[Path, typer.Option("--data", "-d", help="JSONL with 'text' and 'label' / 'entities' / 'keywords'")],
@@ -258,22 +319,20 @@ def eval_task(
     inject: Annotated[Optional[str], typer.Option(help="classify: also measure the flip rate with this text appended")] = None,
     param: Annotated[Optional[list[str]], typer.Option("--param", "-p", help="any other task parameter, KEY=VALUE")] = None,
     markdown: Annotated[bool, typer.Option("--markdown", help="print the report as a markdown table")] = False,
-    tasks_dir: TasksDirOpt = None,
-    model: ModelOpt = "embedded", backend: BackendOpt = "auto", as_json: JsonOpt = False,
+    as_json: JsonOpt = False, options: Optional[dict] = None,
 ) -> None:
     """Score a task on a labelled file: accuracy and macro-F1 (classify), span P/R/F1 (NER), F1@10 (keywords)."""
     from .eval import load_jsonl
     from .eval.runner import evaluate, metric_kind, read_labels, to_markdown
 
-    spec = _registry(tasks_dir).get(task)
+    spec = _registry(options).get(task)
     rows = load_jsonl(data, require=("text",))
     if not rows:
         raise InvalidInputError(f"{data} has no rows")
     metric_kind(spec, rows[0])  # fail on a task/data mismatch before the model loads
     params = {**_params(param), "lang": lang, "calibrate": calibrate}
     params = {k: v for k, v in params.items() if v is not None}
-    ai = _load(model, backend, tasks_dir=tasks_dir)
-    ai.engine.timeout = None  # an evaluation waits for every item, however busy the machine
+    ai = _load(options, request_timeout=None)  # an evaluation waits for every item, however busy the machine
     report = evaluate(ai, task, data, limit=limit, labels=read_labels(labels), types=_names(types),
                       params=params, inject=inject, all_rows=rows)
     if as_json:
@@ -299,33 +358,23 @@ def eval_task(
 
 @app.command()
 @_handle_errors
+@with_settings(server=True)
 def serve(
-    host: Annotated[Optional[str], typer.Option(help="address to listen on (default 127.0.0.1)")] = None,
-    port: Annotated[Optional[int], typer.Option(help="port (default 8000)")] = None,
-    model: Annotated[Optional[str], typer.Option("--model", "-m", help="embedded, embedded-1.5b, a .gguf, an HF folder or a Hub id")] = None,
-    backend: Annotated[Optional[str], typer.Option("--backend", "-b", help="auto, llamacpp or transformers")] = None,
-    db_path: Annotated[Optional[Path], typer.Option(help="SQLite file for stored conversations")] = None,
-    max_queue: Annotated[Optional[int], typer.Option(help="requests waiting at once; more get 503")] = None,
-    request_timeout: Annotated[Optional[float], typer.Option(help="seconds per request, queue wait included")] = None,
-    api_key: Annotated[Optional[list[str]], typer.Option(help="require 'Authorization: Bearer KEY' (repeatable); prefer ALLINONE_API_KEYS, command lines are visible to other users")] = None,
-    cors_origin: Annotated[Optional[list[str]], typer.Option(help="allow this CORS origin (repeatable); none by default")] = None,
-    ui: Annotated[Optional[bool], typer.Option("--ui/--no-ui", help="mount the web chat UI at /ui (default on)")] = None,
     log_level: Annotated[str, typer.Option(help="uvicorn log level")] = "info",
+    options: Optional[dict] = None,
 ) -> None:
     """Start the HTTP server: task routes, OpenAI-compatible /v1/chat/completions, the web UI at /ui.
 
-    Flags override ALLINONE_* environment variables. The model loads in the background:
-    GET /health answers 503 until it is ready.
+    Flags override ALLINONE_* environment variables (prefer ALLINONE_API_KEYS to --api-keys:
+    command lines are visible to other users). The model loads in the background: GET /health
+    answers 503 until it is ready.
     """
     import uvicorn
 
     from .server import create_app
     from .settings import Settings
 
-    given = {"host": host, "port": port, "model": model, "backend": backend, "db_path": db_path,
-             "max_queue": max_queue, "request_timeout": request_timeout, "api_keys": api_key or None,
-             "cors_origins": cors_origin or None, "ui": ui}
-    settings = Settings(**{k: v for k, v in given.items() if v is not None})
+    settings = Settings(**options)
     application = create_app(settings)
     shown = "localhost" if settings.host in {"127.0.0.1", "0.0.0.0", "::"} else settings.host
     err.print(f"allinone: http://{shown}:{settings.port}/  (API /v1, docs /docs"

@@ -30,8 +30,26 @@ class InvalidInputError(AllInOneError):
 
 
 class UnknownTaskError(AllInOneError):
+    """No task of that name is declared."""
+
     status_code = 404
     code = "unknown_task"
+    error_type = "invalid_request_error"
+
+
+class TaskDeclarationError(AllInOneError):
+    """A task declaration is invalid; the message names the file (or source) and every bad field."""
+
+    status_code = 400
+    code = "invalid_task"
+    error_type = "invalid_request_error"
+
+
+class SessionNotFoundError(AllInOneError):
+    """No stored conversation has that id."""
+
+    status_code = 404
+    code = "session_not_found"
     error_type = "invalid_request_error"
 
 
@@ -64,11 +82,38 @@ class OverloadedError(AllInOneError):
         self.retry_after = retry_after
 
 
+class KVCacheFullError(OverloadedError):
+    """Every KV entry is in use and the budget is spent: too many sequences at once."""
+
+
+class ModelLoadingError(AllInOneError):
+    """The model is still loading (or failed to load); model routes answer 503 meanwhile."""
+
+    status_code = 503
+    code = "model_loading"
+
+    def __init__(self, message: str = "the model is loading; retry shortly", *, retry_after: float = 5.0) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class AuthenticationError(AllInOneError):
+    """A missing or wrong API key."""
+
+    status_code = 401
+    code = "invalid_api_key"
+    error_type = "invalid_request_error"
+
+
 class RequestTimeoutError(AllInOneError):
+    """The request did not finish within its timeout (queue wait included)."""
+
     status_code = 504
     code = "timeout"
 
 
 class CancelledError(AllInOneError):
+    """The caller went away (a closed stream, a disconnected client) and the work was stopped."""
+
     status_code = 499
     code = "cancelled"

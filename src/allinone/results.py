@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from typing import Any
 
-FinishReason = Literal["stop", "length"]
+from .types import FinishReason
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,23 @@ class ChatResult(_Result):
             "usage": self.usage.to_dict(),
             "truncated": self.truncated,
         }
+
+    @classmethod
+    def from_chunks(cls, chunks: Iterable["ChatChunk"]) -> "ChatResult":
+        """Join a chunk stream (ending with the chunk that has the finish reason) into one result.
+
+        Raises:
+            ValueError: the stream ended without a finish reason.
+        """
+        parts: list[str] = []
+        last = None
+        for chunk in chunks:
+            parts.append(chunk.text)
+            last = chunk
+        if last is None or last.finish_reason is None:
+            raise ValueError("the reply stream ended without a finish reason")
+        return cls(text="".join(parts), finish_reason=last.finish_reason, usage=last.usage or Usage(0, 0),
+                   truncated=last.truncated)
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import AllInOneError, InvalidInputError
+from .errors import InvalidInputError, SessionNotFoundError
 
 SCHEMA_VERSION = 1
 _SCHEMA = """
@@ -50,14 +50,6 @@ CREATE INDEX IF NOT EXISTS messages_by_session ON messages (session_id, id);
 #: what a session id may look like: 1-128 of letters, digits, '.', '_', ':', '-'
 SESSION_ID_PATTERN = r"^[A-Za-z0-9._:-]{1,128}$"
 _SESSION_ID = re.compile(SESSION_ID_PATTERN)
-
-
-class SessionNotFoundError(AllInOneError):
-    """No stored conversation has this id."""
-
-    status_code = 404
-    code = "session_not_found"
-    error_type = "invalid_request_error"
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,7 @@ class Settings(BaseSettings):
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="transformers weights dtype")
     cache_dir: Path | None = Field(None, description="where assembled/converted models are kept")
 
-    # scheduling and caching (see engine.py and backends/kv_cache.py)
+    # scheduling and caching (see engine/core.py and backends/kv_cache.py)
     kv_cache_mb: float = Field(
         128, ge=1, description="KV cache for all sequences (running replies, task prefixes, conversations), in MB"
     )
@@ -47,9 +47,9 @@ class Settings(BaseSettings):
     request_timeout: float | None = Field(300.0, gt=0, description="seconds per request, queue wait included")
     max_queue: int = Field(64, ge=1, description="requests waiting at once; more get 'overloaded'")
 
-    # server
-    host: str = "127.0.0.1"
-    port: int = Field(8000, ge=0, le=65535)
+    # server (the fields from here on are SERVER_FIELDS)
+    host: str = Field("127.0.0.1", description="address to listen on")
+    port: int = Field(8000, ge=0, le=65535, description="port to listen on")
     api_keys: list[str] = Field(default_factory=list, description="if set, requests need 'Authorization: Bearer KEY'")
     cors_origins: list[str] = Field(default_factory=list, description="allowed CORS origins; none by default")
     db_path: Path | None = Field(None, description="SQLite file for stored conversations (default: in cache_dir)")
@@ -60,3 +60,8 @@ class Settings(BaseSettings):
         8_000_000, ge=1024, description="largest accepted HTTP request body in bytes; larger gets 413"
     )
     ui: bool = Field(True, description="mount the web chat UI at /ui")
+
+
+#: the fields only ``allinone serve`` uses
+SERVER_FIELDS = frozenset({"host", "port", "api_keys", "cors_origins", "db_path", "session_history_messages",
+                           "max_request_bytes", "ui"})

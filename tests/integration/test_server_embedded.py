@@ -17,15 +17,15 @@ pytestmark = pytest.mark.embedded
 
 
 @pytest.fixture(scope="module")
-def base_url(tmp_path_factory):
+def base_url(tmp_path_factory, model_cache):
     pytest.importorskip("llama_cpp")
     from allinone.models import resolve_model
 
     try:
-        resolve_model("embedded")
+        resolve_model("embedded", cache_dir=model_cache)
     except Exception as exc:  # the chunk packages are an optional extra
         pytest.skip(f"embedded model unavailable: {exc}")
-    settings = Settings(model="embedded", backend="llamacpp", ui=False,
+    settings = Settings(model="embedded", backend="llamacpp", ui=False, cache_dir=model_cache,
                         db_path=tmp_path_factory.mktemp("embedded_server") / "sessions.sqlite3")
     with live_server(create_app(settings)) as url:  # no model passed: it loads in the background
         deadline = time.monotonic() + 180

@@ -8,7 +8,6 @@ import pytest
 
 from allinone import AllInOne, InvalidInputError, Settings
 from allinone.engine import Engine
-from allinone.tasks import SENTIMENT
 from fixtures.fakes import FakeBackend
 
 
@@ -105,10 +104,11 @@ def test_load_tiny_model_end_to_end(backend_name, tiny_gguf_path, tiny_hf_dir, t
         pytest.importorskip("llama_cpp")
     model = tiny_gguf_path if backend_name == "llamacpp" else tiny_hf_dir
     with AllInOne.load(str(model), backend=backend_name, n_ctx=2048, cache_dir=tmp_path) as ai:
-        assert ai.backend_name == backend_name
-        result = ai.sentiment("这家酒店很好 😀")
-        assert result.label in SENTIMENT.labels
-        assert sum(result.scores.values()) == pytest.approx(1.0)
+        assert ai.backend_name == backend_name and ai.info.n_layer > 0
+        first = ai.sentiment("这家酒店很好 😀")
+        again = ai.sentiment("这家酒店很好 😀")  # now from the cached task prefix
+        assert again.scores == pytest.approx(first.scores, abs=1e-4)
+        assert ai.stats().cached_tokens > 0
         reply = ai.chat("hello", temperature=0, max_tokens=8)
         assert reply.finish_reason in {"stop", "length"}
         assert "<|im_end|>" not in reply.text
@@ -120,18 +120,22 @@ def test_unknown_option_fails_fast(tiny_hf_dir):
 
 
 def test_multi_token_labels_are_scored_token_by_token(tiny_backend):
-    from allinone.tasks import ClassifyTask, classify
+    from allinone.engine.prompts import fit_prompt
 
-    task = ClassifyTask(
-        name="t", system="Classify.", template="{text}",
-        verbalizers={"very good": ("very good indeed",), "bad": ("bad",), "中性": ("中性的",)},
-    )
-    result = classify(tiny_backend, task, "some text 😀")
-    prefix = tiny_backend.render_chat(task.messages("some text 😀"))
+    ai = AllInOne(Engine(tiny_backend), Settings())
+    ai.register_task({"name": "t", "kind": "classify", "instructions": {"en": "Classify."},
+                      "template": {"en": "{text}"},
+                      "labels": [{"name": "very good", "verbalizers": ["very good indeed"]},
+                                 {"name": "bad", "verbalizers": ["bad"]}, {"name": "中性", "verbalizers": ["中性的"]}]})
+    result = ai.run("t", "some text 😀")
+    (_, kind, compiled, req) = ai._prepare("t", "some text 😀", {})
+    (job,) = kind.jobs(compiled, "some text 😀", req)
+    prefix = fit_prompt(tiny_backend, job.prompt, reserve=8).ids
     conts = [tiny_backend.tokenize(w) for w in ("very good indeed", "bad", "中性的")]
     assert len(conts[0]) > 1 and len(conts[2]) > 1
+    tiny_backend.kv.clear()
     logps = tiny_backend.score(prefix, conts)
     probs = [math.exp(lp) for lp in logps]
-    expected = {label: p / sum(probs) for label, p in zip(task.labels, probs)}
+    expected = {label: p / sum(probs) for label, p in zip(("very good", "bad", "中性"), probs)}
     assert result.scores == pytest.approx(expected, rel=1e-3)
     assert result.label == max(expected, key=expected.get)

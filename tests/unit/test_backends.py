@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
-import numpy as np
 import pytest
 import torch
 
@@ -98,7 +95,7 @@ def test_greedy_generation_is_deterministic_and_same_on_both_backends(tiny_llama
     outs = []
     for backend in (tiny_llamacpp, tiny_transformers):
         prompt = backend.render_chat([{"role": "user", "content": "tell me a story"}])
-        runs = [[d for d in stream_text(backend, prompt, sampling)] for _ in range(2)]
+        runs = [list(stream_text(backend, prompt, sampling)) for _ in range(2)]
         assert [d.text for d in runs[0]] == [d.text for d in runs[1]]
         outs.append(runs[0][-1].token_ids)
     assert outs[0] == outs[1]

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from allinone.backends.chat_template import ChatTemplate, content_text, validate_messages
+from allinone.backends.chat_template import ChatTemplate
 from allinone.errors import InvalidInputError
+from allinone.types import content_text, validate_messages
 from fixtures.fakes import SPECIALS, FakeBackend
 
 

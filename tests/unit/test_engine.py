@@ -1,5 +1,5 @@
 """The engine: one worker thread, a bounded fair queue, micro-batched scoring, continuous
-batching of replies, cancellation, and errors that don't kill it."""
+batching of replies, cancellation, and errors that don't kill it. All on plain jobs."""
 
 from __future__ import annotations
 
@@ -8,20 +8,22 @@ import time
 
 import pytest
 
-from allinone.backends.base import SamplingParams
-from allinone.engine import Engine, Generation
+from allinone.engine import TEXT_SLOT, Engine, GenerateJob, Prompt, ScoreJob, TokenizeJob
 from allinone.errors import InvalidInputError, OverloadedError, RequestTimeoutError
+from allinone.types import SamplingParams
 from fixtures.fakes import FakeBackend
 
 GREEDY = SamplingParams(temperature=0, max_tokens=10_000)
+HI = Prompt(messages=({"role": "user", "content": "hi"},))
 
 
-def reply(engine: Engine, max_tokens: int = 10_000):
-    return engine.generate(lambda b: Generation([1, 2], GREEDY.updated(max_tokens=max_tokens)))
+def reply(engine: Engine, max_tokens: int = 10_000, prompt: Prompt = HI):
+    return engine.submit(GenerateJob(prompt, GREEDY.updated(max_tokens=max_tokens)))
 
 
 def score(engine: Engine, text: str = "positive"):
-    return engine.score(lambda b: (([1], [b.tokenize(text)]), text), lambda b, logps, ctx: (ctx, logps))
+    out = engine.run(ScoreJob(Prompt(messages=({"role": "user", "content": text},)), (text,)))
+    return text, list(out.logprobs)
 
 
 def in_threads(fns):
@@ -60,7 +62,17 @@ def test_score_jobs_waiting_together_run_as_one_batch():
     next_piece.join()
     assert results == [(t, [-1.0 if t == "a" else -2.0]) for t in "ababab"]  # each got its own answer
     assert backend.batches == [4, 2]  # max_batch, then the rest
-    assert engine.batch_sizes == {4: 1, 2: 1}
+    assert engine.stats().batch_sizes == {4: 1, 2: 1}
+    engine.close()
+
+
+def test_jobs_submitted_together_share_a_batch():
+    backend = FakeBackend(label_logps={"a": -1.0, "b": -2.0})
+    engine = Engine(backend)
+    jobs = [ScoreJob(Prompt(messages=({"role": "user", "content": t},)), (t,)) for t in "abab"]
+    outs = [h.result() for h in engine.submit_all(jobs)]
+    assert [o.logprobs for o in outs] == [(-1.0,), (-2.0,), (-1.0,), (-2.0,)]
+    assert backend.batches == [4]
     engine.close()
 
 
@@ -76,6 +88,7 @@ def test_replies_are_decoded_together_and_a_long_one_does_not_block_a_short_one(
     assert short == "yyy" and label == ("positive", [-10.0])
     assert time.monotonic() - t0 < 5  # both done while the long reply still runs
     assert max(backend.steps) == 2  # the short reply shared decode steps with the long one
+    assert engine.stats().active_replies == 1
     long_reply.close()
     engine.close()
 
@@ -91,7 +104,6 @@ def test_more_replies_than_max_active_wait_their_turn():
         t.join()
     assert results == ["abc"] * 5
     assert max(backend.steps) == 2
-    assert backend.finished == 5  # every sequence was released
     engine.close()
 
 
@@ -103,53 +115,50 @@ def test_queue_bound_rejects_at_once():
     consumer = threading.Thread(target=lambda: list(first))
     consumer.start()
     time.sleep(0.1)  # let the worker pick the first job up
-    threads, results = in_threads([lambda: engine.call(lambda b: 1)] * 2)
+    threads, results = in_threads([lambda: engine.run(TokenizeJob("a"))] * 2)
     time.sleep(0.1)
     with pytest.raises(OverloadedError):
-        engine.call(lambda b: 1)
+        engine.run(TokenizeJob("a"))
     backend.gate.set()
     consumer.join()
     for t in threads:
         t.join()
-    assert results == [1, 1]
-    assert engine.call(lambda b: 42) == 42  # serving again once the queue drained
-    assert engine.queue_depth == 0
+    assert results == [[97], [97]]
+    assert engine.run(TokenizeJob("*")) == [42]  # serving again once the queue drained
+    assert engine.stats().queue_depth == 0
     engine.close()
 
 
 def test_jobs_run_in_arrival_order():
-    engine = Engine(FakeBackend())
+    backend = FakeBackend()
+    engine = Engine(backend)
+    backend.gate.clear()
+    blocker = reply(engine, max_tokens=1)
+    consumer = threading.Thread(target=lambda: list(blocker))
+    consumer.start()
+    time.sleep(0.1)
+    handles = [engine.submit(TokenizeJob(str(i))) for i in range(5)]
     order = []
-    done = [threading.Event() for _ in range(5)]
-
-    def job(i):
-        order.append(i)
-        return i
-
-    for i in range(5):
-        threading.Thread(target=lambda i=i: (engine.call(lambda b: job(i)), done[i].set())).start()
-        time.sleep(0.02)
-    for d in done:
-        d.wait(5)
-    assert order == sorted(order)
+    backend.calls.clear()
+    backend.gate.set()
+    for h in handles:
+        order.append(h.result())
+    consumer.join()
+    assert order == [[ord(str(i))] for i in range(5)]
     engine.close()
 
 
 def test_an_error_reaches_the_caller_and_the_worker_keeps_serving():
-    engine = Engine(FakeBackend())
-
-    def boom(b):
-        raise InvalidInputError("bad")
-
+    engine = Engine(FakeBackend(n_ctx=64))
+    long = Prompt(messages=({"role": "system", "content": "s" * 200}, {"role": "user", "content": "hi"}))
     with pytest.raises(InvalidInputError):
-        engine.call(boom)
-    with pytest.raises(ZeroDivisionError):
-        engine.call(lambda b: 1 / 0)
+        list(reply(engine, prompt=long))  # the system prompt alone does not fit
     with pytest.raises(InvalidInputError):
-        engine.score(boom, lambda b, logps, ctx: None)
-    with pytest.raises(InvalidInputError):
-        list(engine.generate(boom))
-    assert engine.call(lambda b: "still here") == "still here"
+        engine.run(ScoreJob(Prompt(messages=({"role": "system", "content": "s" * 200},
+                                              {"role": "user", "content": TEXT_SLOT}), text="x"), ("a",)))
+    with pytest.raises(TypeError):
+        engine.submit("not a job")
+    assert engine.run(TokenizeJob("ok")) == [111, 107]
     assert score(engine) == ("positive", [-10.0])
     engine.close()
 
@@ -162,8 +171,10 @@ def test_closing_a_stream_cancels_generation():
         if i == 5:
             break
     stream.close()
-    assert engine.call(lambda b: b.generated) < 1000  # the worker stopped early
-    assert engine.call(lambda b: b.finished) == 1  # and released the sequence
+    engine.run(TokenizeJob("sync"))  # the worker has moved on
+    time.sleep(0.05)
+    assert backend.generated < 1000  # the worker stopped early
+    assert backend.finished == 1  # and released the sequence
     engine.close()
 
 
@@ -174,40 +185,43 @@ def test_timeout_is_reported():
     with pytest.raises(RequestTimeoutError):
         list(reply(engine))
     backend.gate.set()
-    assert engine.call(lambda b: 1, timeout=5) == 1
+    assert engine.run(TokenizeJob("a"), timeout=5) == [97]
     engine.close()
 
 
-def test_the_plan_comes_back_with_the_reply():
-    engine = Engine(FakeBackend("hi"))
-    stream = engine.generate(lambda b: Generation([1, 2, 3], GREEDY, info="mine"))
+def test_prompt_info_comes_back_with_the_reply():
+    backend = FakeBackend("hi")
+    engine = Engine(backend)
+    text_prompt = Prompt(messages=({"role": "user", "content": f"<{TEXT_SLOT}>"},), text="abc")
+    stream = reply(engine, prompt=text_prompt)
     pieces = list(stream)
     assert "".join(p.text for p in pieces) == "hi" and pieces[-1].finish_reason == "stop"
-    assert stream.plan.info == "mine" and stream.plan.prompt_ids == [1, 2, 3]
+    assert stream.info.text == "abc" and not stream.info.truncated
+    assert stream.info.prompt_tokens == len(backend.render_chat([{"role": "user", "content": "<abc>"}]))
+    engine.close()
+
+
+def test_a_text_is_cut_to_its_budget_and_the_output_says_so():
+    backend = FakeBackend(label_logps={"a": -1.0})
+    engine = Engine(backend)
+    prompt = Prompt(messages=({"role": "user", "content": f"[{TEXT_SLOT}]"},), text="很长的文字" * 50,
+                    max_text_tokens=20)
+    out = engine.run(ScoreJob(prompt, ("a",)))
+    assert out.info.truncated and "很长的文字".startswith(out.info.text[:5])
+    assert len(backend.tokenize(out.info.text)) <= 20 and "\ufffd" not in out.info.text
     engine.close()
 
 
 def test_a_batch_of_long_prompts_is_split_to_fit_the_kv_cache():
     class Pool:
-        capacity_tokens = 100
+        capacity_tokens = used_tokens = prompt_tokens = cached_tokens = 0
 
+    Pool.capacity_tokens = 100
     backend = FakeBackend(label_logps={"a": -1.0})
     backend.kv = Pool()
     engine = Engine(backend, max_batch=8)
-    backend.gate.clear()
-    blocker = reply(engine, max_tokens=1)
-    consumer = threading.Thread(target=lambda: list(blocker))
-    consumer.start()
-    time.sleep(0.1)
-    long_prompt = list(range(30))  # 30 tokens: at most 50 (half the cache) per batch -> one each
-    threads, results = in_threads([
-        lambda: engine.score(lambda b: ((long_prompt, [b.tokenize("a")]), None), lambda b, lp, ctx: lp)
-    ] * 4)
-    time.sleep(0.2)
-    backend.gate.set()
-    for t in threads:
-        t.join()
-    consumer.join()
-    assert results == [[-1.0]] * 4
+    long_prompt = Prompt(raw="x" * 30)  # 30 tokens: at most 50 (half the cache) per batch -> one each
+    outs = [h.result() for h in engine.submit_all([ScoreJob(long_prompt, ("a",))] * 4)]
+    assert [o.logprobs for o in outs] == [(-1.0,)] * 4
     assert backend.batches == [1, 1, 1, 1]
     engine.close()

@@ -67,7 +67,7 @@ def test_a_prompt_that_cannot_fit_is_a_clear_error(tiny_backend):
     from allinone.errors import InvalidInputError
 
     small = AllInOne(Engine(tiny_backend), Settings())  # not closed: the backend is session-wide
-    with pytest.raises(InvalidInputError, match="leaves no room in the context window of 512"):
+    with pytest.raises(InvalidInputError, match="leaves no room for the text in the context window of 512"):
         small.run("ner", "Ann met Bob.")
 
 

@@ -2,8 +2,8 @@
 
 import pytest
 
-from allinone.eval import classification_report, load_jsonl
 from allinone.errors import InvalidInputError
+from allinone.eval import classification_report, load_jsonl
 
 
 def test_accuracy_macro_f1_and_confusion():

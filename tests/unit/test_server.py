@@ -187,11 +187,13 @@ def test_health_is_503_while_loading_then_200(tmp_path, monkeypatch):
     release = threading.Event()
     fake = AllInOne.__new__(AllInOne)
 
+    loaded = FakeBackend(REPLY)
+
     def slow_load(settings):
         release.wait(10)
         from allinone.engine import Engine
 
-        AllInOne.__init__(fake, Engine(FakeBackend(REPLY)), settings)
+        AllInOne.__init__(fake, Engine(loaded), settings)
         return fake
 
     monkeypatch.setattr(AllInOne, "from_settings", classmethod(lambda cls, s: slow_load(s)))
@@ -206,7 +208,7 @@ def test_health_is_503_while_loading_then_200(tmp_path, monkeypatch):
         wait_for(lambda: c.get("/health").status_code == 200)
         assert c.get("/health").json()["model"] == "fake-model"
         assert c.post("/v1/tasks/sentiment", json={"text": "hi"}).status_code == 200
-    assert fake.engine.backend.closed  # the app loaded it, so the app closed it
+    assert loaded.closed  # the app loaded it, so the app closed it
 
 
 def test_a_failed_load_is_reported_not_fatal(tmp_path, monkeypatch):
@@ -348,7 +350,7 @@ def test_unexpected_failure_is_a_500_error_object_and_not_fatal(tmp_path, monkey
         raise RuntimeError("kaboom")
 
     with TestClient(app, raise_server_exceptions=False) as c:
-        monkeypatch.setattr(backend, "score_batch", boom)
+        monkeypatch.setattr(backend, "score_batch_hidden", boom)
         error = assert_error(c.post("/v1/tasks/sentiment", json={"text": "hi"}), 500, "internal_error")
         assert "kaboom" not in error["message"]  # internals are logged, not sent
         monkeypatch.undo()

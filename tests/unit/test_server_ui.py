@@ -8,8 +8,8 @@ from fastapi.testclient import TestClient
 
 from allinone import AllInOne, Settings
 from allinone.engine import Engine
+from allinone.errors import ModelLoadingError
 from allinone.results import ClassifyResult
-from allinone.server.errors import ModelLoadingError
 from fixtures.fakes import FakeBackend
 from fixtures.server import fake_app
 
@@ -18,15 +18,15 @@ from allinone.ui import ChatHandlers, sentiment_badge  # noqa: E402
 
 
 class SpyAI(AllInOne):
-    """Records the conversations sent to chat()."""
+    """Records the conversations sent to the model (the history before the new message, then it)."""
 
     def __init__(self, backend: FakeBackend) -> None:
         super().__init__(Engine(backend), Settings(ui=False))
         self.sent: list[list[dict]] = []
 
-    def chat(self, messages, **kwargs):
-        self.sent.append(list(messages))
-        return super().chat(messages, **kwargs)
+    def analyze_stream(self, text, history=None, **kwargs):
+        self.sent.append([*(history or []), {"role": "user", "content": text}])
+        return super().analyze_stream(text, history, **kwargs)
 
 
 @pytest.fixture
@@ -86,7 +86,12 @@ def test_ui_needs_a_log_in_when_api_keys_are_set(tmp_path):
 
 # -- the Tasks tab ---------------------------------------------------------------------------
 from allinone.ui.tasks_tab import (  # noqa: E402
-    TaskHandlers, data_markdown, parse_names, span_table, span_tokens, task_choices,
+    TaskHandlers,
+    data_markdown,
+    parse_names,
+    span_table,
+    span_tokens,
+    task_choices,
 )
 
 NER_REPLY = '{"entities":[{"text":"Angela Merkel","type":"PER"},{"text":"Paris","type":"LOC"},{"text":"Rome","type":"LOC"}]}'
@@ -95,7 +100,9 @@ OUTPUTS = TaskHandlers.OUTPUTS
 
 
 def make_ai(reply: str = "ok", **label_logps: float) -> AllInOne:
-    return AllInOne(Engine(FakeBackend(reply, label_logps=label_logps)), Settings(ui=False))
+    ai = AllInOne(Engine(FakeBackend(reply, label_logps=label_logps)), Settings(ui=False))
+    ai.fake = ai._engine._backend  # the test's view of what the model was asked
+    return ai
 
 
 def shown(update: tuple) -> dict[str, object]:
@@ -204,7 +211,7 @@ def test_ner_shows_highlighted_spans_and_a_table(ner_ai):
 
 def test_span_types_per_request_narrow_the_schema(ner_ai):
     list(TaskHandlers(lambda: ner_ai).run("ner", NER_TEXT, None, "PER", "auto", None, 320, 0.0))
-    enum = ner_ai.engine.backend.schemas[-1]["properties"]["entities"]["items"]["properties"]["type"]["enum"]
+    enum = ner_ai.fake.schemas[-1]["properties"]["entities"]["items"]["properties"]["type"]["enum"]
     assert enum == ["PER"]
 
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from allinone.errors import UnknownTaskError
-from allinone.tasks import BUILTIN_TASKS, TaskDeclarationError, TaskRegistry, load_spec, parse_spec
+from allinone.errors import TaskDeclarationError, UnknownTaskError
+from allinone.tasks import BUILTIN_TASKS, TaskRegistry, load_spec, parse_spec
 from allinone.tasks.schema import SchemaError, check_schema
 
 GOOD = """
@@ -64,7 +64,7 @@ def test_a_good_file_parses(tmp_path):
      "output_schema.properties.a: unsupported keyword 'pattern'"),
     ('name = "x"\nkind = "extract"\ninstructions.en = "hi"\n[output_schema]\ntype = "array"\nitems = {type = "string"}\n',
      'the root must have type "object"'),
-    ('name = "x"\nkind = "generate"\ninstructions.en = "hi"\n[[labels]]\nname = "a"\n', "only a classify task has labels"),
+    ('name = "x"\nkind = "generate"\ninstructions.en = "hi"\n[[labels]]\nname = "a"\n', "only a classify task has it"),
     ('name = "x"\nkind = "classify"\ninstructions.en = "hi"\n[[labels]]\nname = "a"\n[[labels]]\nname = "a"\n', "names must be unique"),
 ])
 def test_invalid_declarations_name_the_file_and_the_field(tmp_path, text, needle):

@@ -6,9 +6,9 @@ import importlib.util
 
 from ..errors import BackendUnavailableError
 from ..models import ModelSource, gguf_to_hf
-from .base import Backend, GenState, SamplingParams, TextDelta, TextStreamer, stream_text
+from .base import Backend, GenState, TextStreamer, stream_text
 
-__all__ = ["Backend", "GenState", "SamplingParams", "TextDelta", "TextStreamer", "load_backend", "stream_text"]
+__all__ = ["Backend", "GenState", "TextStreamer", "load_backend", "stream_text"]
 
 
 def load_backend(source: ModelSource, backend: str = "auto", *, n_ctx: int = 4096,

@@ -14,85 +14,17 @@ A backend is not thread-safe: the engine owns it and calls it from one thread at
 from __future__ import annotations
 
 import abc
-import math
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
 from ..errors import BackendUnavailableError, InvalidInputError
+from ..types import Message, SamplingParams, TextDelta
 from . import constrained
-from .chat_template import ChatTemplate, Message
+from .chat_template import ChatTemplate
 from .kv_cache import KVEntry, KVPool, common_prefix_len
 from .sampling import log_softmax, sample
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    """Decoding parameters, validated on construction.
-
-    Args:
-        temperature: softmax temperature; 0 means greedy (argmax) decoding.
-        top_p: nucleus sampling mass in (0, 1] (Holtzman et al. 2020).
-        top_k: keep only the k most likely tokens; 0 disables.
-        max_tokens: at most this many new tokens (>= 1).
-        seed: makes sampling reproducible for the same prompt and backend.
-        stop: strings that end the reply; the stop string itself is not returned.
-        repetition_penalty: CTRL-style penalty (Keskar et al. 2019) on tokens already present;
-            1.0 disables.
-
-    Raises:
-        InvalidInputError: a value is out of range.
-    """
-
-    temperature: float = 0.7
-    top_p: float = 0.8
-    top_k: int = 20
-    max_tokens: int = 512
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
-    repetition_penalty: float = 1.05
-
-    def __post_init__(self) -> None:
-        def bad(param: str, why: str) -> InvalidInputError:
-            return InvalidInputError(f"{param} {why}", param=param)
-
-        if not (isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature)):
-            raise bad("temperature", "must be a finite number")
-        if not 0.0 <= self.temperature <= 2.0:
-            raise bad("temperature", f"must be between 0 and 2, got {self.temperature}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise bad("top_p", f"must be in (0, 1], got {self.top_p}")
-        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
-            raise bad("top_k", f"must be an integer >= 0, got {self.top_k!r}")
-        if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 1:
-            raise bad("max_tokens", f"must be an integer >= 1, got {self.max_tokens!r}")
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
-            raise bad("seed", f"must be an integer, got {self.seed!r}")
-        if not 0.5 <= self.repetition_penalty <= 2.0:
-            raise bad("repetition_penalty", f"must be between 0.5 and 2, got {self.repetition_penalty}")
-        if isinstance(self.stop, str):
-            object.__setattr__(self, "stop", (self.stop,))
-        if len(self.stop) > 4 or any(not isinstance(s, str) or not s for s in self.stop):
-            raise bad("stop", "must be up to 4 non-empty strings")
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0.0
-
-    def updated(self, **changes: object) -> "SamplingParams":
-        """A copy with ``changes`` applied (``None`` values are ignored) and validated."""
-        return replace(self, **{k: v for k, v in changes.items() if v is not None})
-
-
-@dataclass
-class TextDelta:
-    """A piece of decoded text from :func:`stream_text`; the last one carries the finish reason."""
-
-    text: str
-    finish_reason: str | None = None
-    completion_tokens: int = 0
-    token_ids: list[int] = field(default_factory=list)
 
 
 @dataclass(eq=False)
@@ -144,40 +76,86 @@ class Backend(abc.ABC):
         """Text of ``ids``; special tokens are rendered as their text. Incomplete UTF-8 at the
         end comes out as U+FFFD (see :func:`stream_text` for streaming)."""
 
-    def render_chat(self, messages: Sequence[Message], *, add_generation_prompt: bool = True) -> list[int]:
+    @abc.abstractmethod
+    def token_bytes(self, ids: Sequence[int]) -> list[bytes]:
+        """The UTF-8 bytes each token stands for (a token may hold part of a multi-byte
+        character); joined, they are the bytes of ``detokenize(ids)`` before decoding."""
+
+    @property
+    def bos_ids(self) -> list[int]:
+        """Ids every prompt starts with (a BOS token, for models that want one); Qwen: none."""
+        return []
+
+    def render_chat(self, messages: Sequence[Message], *, add_generation_prompt: bool = True,
+                    tokenize_text: Callable[[str], list[int]] | None = None,
+                    content_starts: list[int] | None = None) -> list[int]:
         """Token ids of ``messages`` rendered with the model's own chat template.
 
-        Message contents are tokenized as plain text, so a user cannot inject control tokens.
+        Message contents are tokenized as plain text (by ``tokenize_text`` if given), so a user
+        cannot inject control tokens. ``content_starts``: see :meth:`ChatTemplate.render_ids`.
         """
-        return self.chat_template.render_ids(
+        bos = self.bos_ids
+        ids = self.chat_template.render_ids(
             messages,
             add_generation_prompt=add_generation_prompt,
-            tokenize_text=lambda s: self.tokenize(s, special=False),
+            tokenize_text=tokenize_text or (lambda s: self.tokenize(s, special=False)),
             tokenize_template=lambda s: self.tokenize(s, special=True),
+            content_starts=content_starts,
         )
+        if bos and content_starts is not None:
+            content_starts[:] = [p + len(bos) for p in content_starts]
+        return bos + ids
+
+    def layer_index(self, layer: int) -> int:
+        """``layer`` as 1 .. :attr:`n_layer` (negative: counted from the end, -1 = the final,
+        normalized output).
+
+        Raises:
+            InvalidInputError: out of range.
+        """
+        resolved = layer + self.n_layer + 1 if layer < 0 else layer
+        if not 1 <= resolved <= self.n_layer:
+            raise InvalidInputError(f"layer {layer} is out of range: this model has {self.n_layer} layers",
+                                    param="layers")
+        return resolved
 
     # -- the one compute primitive --------------------------------------------------------
     @abc.abstractmethod
-    def _forward(self, entries: Sequence[KVEntry], new_tokens: Sequence[Sequence[int]],
-                 all_logits: bool) -> list[np.ndarray]:
+    def _forward(self, entries: Sequence[KVEntry], new_tokens: Sequence[Sequence[int]], *,
+                 all_logits: bool, layers: Sequence[int] = (),
+                 logits: bool = True) -> tuple[list[np.ndarray] | None, list[np.ndarray] | None]:
         """Compute ``new_tokens[i]`` after the KV state of ``entries[i]``, for every i at once
         (llama.cpp: one batch; transformers: one sequence after another), appending their keys
         and values to each state. ``entries[i].tokens`` is updated by the caller.
 
+        Args:
+            all_logits: logits for every new token, not only the last.
+            layers: also return hidden states at these layers (1 .. n_layer, see
+                :meth:`layer_index`) for every new token.
+            logits: compute logits at all (encoding needs none).
+
         Returns:
-            per entry, float32 logits: shape (n_vocab,) after its last new token, or
-            (len(new_tokens[i]), n_vocab) for every new token with ``all_logits``.
+            (logits, hidden): per entry, float32 logits of shape (n_vocab,) after its last new
+            token, or (len(new_tokens[i]), n_vocab) with ``all_logits`` (``None`` without
+            ``logits``); per entry, hidden states (len(layers), len(new_tokens[i]), hidden
+            size) float32 (``None`` without ``layers``).
         """
 
     def forward(self, entries: Sequence[KVEntry], new_tokens: Sequence[Sequence[int]], *,
                 all_logits: bool = False) -> list[np.ndarray]:
         """:meth:`_forward` with the bookkeeping: room in the KV budget, the context window,
-        and each entry's token list.
+        and each entry's token list. Returns the logits (see :meth:`_forward`).
 
         Raises:
             InvalidInputError: a sequence would exceed the context window.
             KVCacheFullError: the KV budget is spent by sequences in use.
         """
+        return self.forward_hidden(entries, new_tokens, (), all_logits=all_logits)[0]
+
+    def forward_hidden(self, entries: Sequence[KVEntry], new_tokens: Sequence[Sequence[int]],
+                       layers: Sequence[int], *, all_logits: bool = False,
+                       logits: bool = True) -> tuple[list[np.ndarray] | None, list[np.ndarray] | None]:
+        """:meth:`forward` that also returns hidden states at ``layers`` (see :meth:`_forward`)."""
         new_tokens = [list(t) for t in new_tokens]
         for entry, new in zip(entries, new_tokens):
             if not new:
@@ -185,9 +163,10 @@ class Backend(abc.ABC):
             if len(entry.tokens) + len(new) >= self.n_ctx:
                 raise InvalidInputError(
                     f"prompt of {len(entry.tokens) + len(new)} tokens does not fit the context of {self.n_ctx}")
+        layers = [self.layer_index(x) for x in layers]
         self.kv.reserve(sum(map(len, new_tokens)), keep=entries)
         try:
-            out = self._forward(entries, new_tokens, all_logits)
+            out = self._forward(entries, new_tokens, all_logits=all_logits, layers=layers, logits=logits)
         except BaseException:
             for entry in entries:  # the KV state may be half-written: never reuse it
                 entry.tokens = []
@@ -195,6 +174,42 @@ class Backend(abc.ABC):
         for entry, new in zip(entries, new_tokens):
             entry.tokens.extend(new)
         return out
+
+    # -- encoding (hidden states for learned heads) --------------------------------------------
+    def encode_batch(self, requests: Sequence[tuple[Sequence[int], int]], layers: Sequence[int]) -> list[np.ndarray]:
+        """Hidden states of several prompts in one batched pass.
+
+        Args:
+            requests: (prompt ids, start): the states of positions ``start ..`` are wanted; the
+                tokens before ``start`` may come from the KV cache (their states are not read).
+            layers: 1 .. n_layer or negative from the end (see :meth:`layer_index`).
+
+        Returns:
+            per request, float32 (len(layers), len(prompt) - start, hidden size).
+
+        Raises:
+            InvalidInputError: an empty prompt, ``start`` out of range, a prompt over the context.
+        """
+        for ids, start in requests:
+            if not ids or not 0 <= start < len(ids):
+                raise InvalidInputError("encode needs a non-empty prompt and a start inside it")
+            if len(ids) >= self.n_ctx:
+                raise InvalidInputError(f"prompt of {len(ids)} tokens does not fit the context of {self.n_ctx}")
+        held: list[KVEntry] = []
+        cached: list[int] = []
+        keep: list[bool] = []
+        try:
+            for ids, start in requests:
+                entry, n = self.kv.acquire(ids, limit=start)
+                held.append(entry)
+                cached.append(n)
+                keep.append(n < self.kv.min_shared)
+            _, hidden = self.forward_hidden(held, [list(ids)[n:] for (ids, _), n in zip(requests, cached)],
+                                            layers, logits=False)
+            return [h[:, start - n:] for h, (_, start), n in zip(hidden, requests, cached)]
+        finally:
+            for entry, kept in zip(held, keep):
+                self.kv.release(entry, keep=kept and bool(entry.tokens))
 
     # -- scoring (classification) --------------------------------------------------------------
     def score(self, prefix_ids: Sequence[int], continuations: Sequence[Sequence[int]]) -> list[float]:
@@ -211,6 +226,11 @@ class Backend(abc.ABC):
         return self.score_batch([(prefix_ids, continuations)])[0]
 
     def score_batch(self, requests: Sequence[ScoreRequest], *, relative: bool = False) -> list[list[float]]:
+        """Scores only: see :meth:`score_batch_hidden`."""
+        return self.score_batch_hidden(requests, (), relative=relative)[0]
+
+    def score_batch_hidden(self, requests: Sequence[ScoreRequest], layers: Sequence[int], *,
+                           relative: bool = False) -> tuple[list[list[float]], list[np.ndarray] | None]:
         """:meth:`score` for several (prefix, continuations) requests in one batched pass.
 
         Each prefix starts from its longest cached prefix (see :mod:`.kv_cache`); all prefixes
@@ -224,8 +244,13 @@ class Backend(abc.ABC):
                 so each request's scores may be shifted by one constant (lets a backend skip
                 the output-head rows of tokens no continuation starts with).
 
+            layers: also return each prefix's hidden states at its last token at these layers
+                (see :meth:`layer_index`), from the same pass.
+
         Returns:
-            per request, one log-probability per continuation, as :meth:`score`.
+            (scores, states): per request, one log-probability per continuation, as
+            :meth:`score`; per request, float32 (len(layers), hidden size), or ``None`` without
+            ``layers``.
 
         Raises:
             InvalidInputError: an empty prefix or continuation, or a prefix over the context.
@@ -242,7 +267,9 @@ class Backend(abc.ABC):
                 entry, n = self.kv.acquire(prefix)
                 held.append(entry)
                 keep.append(n < self.kv.min_shared)
-            firsts = self.forward(held, [list(p)[len(e.tokens):] for e, (p, _) in zip(held, requests)])
+            firsts, hidden = self.forward_hidden(held, [list(p)[len(e.tokens):] for e, (p, _) in zip(held, requests)],
+                                                 layers)
+            states = [h[:, -1] for h in hidden] if hidden is not None else None
             scores = []
             for row, (_, conts) in zip(firsts, requests):
                 logp = log_softmax(row)
@@ -270,7 +297,7 @@ class Backend(abc.ABC):
                 finally:
                     for f in forks:
                         self.kv.release(f, keep=False)
-            return scores
+            return scores, states
         finally:
             for entry, kept in zip(held, keep):
                 self.kv.release(entry, keep=kept and bool(entry.tokens))
@@ -300,7 +327,7 @@ class Backend(abc.ABC):
         entry, n = self.kv.acquire(common)
         try:
             if n < len(common):
-                self.forward([entry], [common[n:]])
+                self.forward_hidden([entry], [common[n:]], (), logits=False)
         except BaseException:
             self.kv.release(entry, keep=False)
             raise
@@ -343,7 +370,7 @@ class Backend(abc.ABC):
             # The prompt's last token is computed on its own, as every reply token is: llama.cpp
             # rounds differently for one token than inside a batch, and otherwise the first reply
             # token (greedy too) would depend on how much of the prompt happened to be cached.
-            self.forward([s.entry for s in fresh], [s.pending[:-1] for s in fresh])
+            self.forward_hidden([s.entry for s in fresh], [s.pending[:-1] for s in fresh], (), logits=False)
             for s in fresh:
                 s.pending = s.pending[-1:]
         rows = self.forward([s.entry for s in states], [s.pending for s in states])
@@ -395,7 +422,7 @@ class Backend(abc.ABC):
     def _llguidance_tokenizer(self):  # pragma: no cover - each backend overrides
         raise BackendUnavailableError(f"the {self.name} backend has no llguidance tokenizer")
 
-    def close(self) -> None:  # pragma: no cover - trivial
+    def close(self) -> None:  # noqa: B027 - an optional hook  # pragma: no cover - trivial
         """Release the model's memory."""
 
 

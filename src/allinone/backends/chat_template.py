@@ -11,17 +11,14 @@ control tokens parsed while the user's content is tokenized as plain text: typin
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from datetime import date
-from typing import Any
 
 from jinja2.exceptions import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from ..errors import InvalidInputError
-
-Message = Mapping[str, Any]
-ROLES = ("system", "user", "assistant")
+from ..types import Message, validate_messages
 
 _SENTINEL = re.compile("\ue000(\\d+)\ue001")
 
@@ -66,8 +63,14 @@ class ChatTemplate:
         add_generation_prompt: bool,
         tokenize_text: Callable[[str], list[int]],
         tokenize_template: Callable[[str], list[int]],
+        content_starts: list[int] | None = None,
     ) -> list[int]:
         """Token ids of the rendered prompt; contents through ``tokenize_text`` (no control tokens).
+
+        Args:
+            content_starts: if given, filled with the position in the result where each
+                non-empty content's ids begin, in the order ``tokenize_text`` was called for them
+                (left empty when the template transforms contents and they cannot be located).
 
         Raises:
             InvalidInputError: the messages are malformed or the template rejects them.
@@ -89,6 +92,8 @@ class ChatTemplate:
             else:
                 content = messages[int(piece)]["content"]
                 if content:
+                    if content_starts is not None:
+                        content_starts.append(len(ids))
                     ids += tokenize_text(content)
         return ids
 
@@ -102,48 +107,6 @@ class ChatTemplate:
             )
         except TemplateError as exc:
             raise InvalidInputError(f"the model's chat template rejected these messages: {exc}") from exc
-
-
-def validate_messages(messages: Sequence[Message]) -> list[dict[str, str]]:
-    """Check and normalize chat messages to ``[{"role", "content"}]``.
-
-    Content may be a string or an OpenAI-style list of ``{"type": "text", "text": ...}`` parts
-    (joined with newlines). Roles: system, user, assistant. Several system messages, system
-    messages in the middle and consecutive same-role messages are allowed (the template decides).
-
-    Raises:
-        InvalidInputError: not a non-empty list of messages with a known role and text content.
-    """
-    if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence) or not messages:
-        raise InvalidInputError("messages must be a non-empty list of {role, content}", param="messages")
-    out: list[dict[str, str]] = []
-    for i, m in enumerate(messages):
-        if not isinstance(m, Mapping):
-            raise InvalidInputError(f"messages[{i}] must be an object", param="messages")
-        role = m.get("role")
-        if role not in ROLES:
-            raise InvalidInputError(
-                f"messages[{i}].role must be one of {', '.join(ROLES)}, got {role!r}", param="messages"
-            )
-        out.append({"role": role, "content": content_text(m.get("content"), f"messages[{i}].content")})
-    return out
-
-
-def content_text(content: Any, where: str = "content") -> str:
-    """A message content as text: a string, or a list of text parts joined by newlines."""
-    if content is None:
-        return ""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        parts = []
-        for part in content:
-            if isinstance(part, Mapping) and part.get("type") == "text" and isinstance(part.get("text"), str):
-                parts.append(part["text"])
-            else:
-                raise InvalidInputError(f"{where}: only text content parts are supported", param="messages")
-        return "\n".join(parts)
-    raise InvalidInputError(f"{where} must be a string or a list of text parts", param="messages")
 
 
 def _neutralized(messages: list[dict[str, str]]) -> list[dict[str, str]]:

@@ -26,11 +26,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from ..errors import OverloadedError
-
-
-class KVCacheFullError(OverloadedError):
-    """Every KV entry is in use and the budget is spent: too many sequences at once."""
+from ..errors import KVCacheFullError
 
 
 class KVStore(Protocol):
@@ -106,10 +102,12 @@ class KVPool:
         """Token positions held, summed over entries."""
         return sum(len(e.tokens) for e in self.entries)
 
-    def acquire(self, prompt: Sequence[int]) -> tuple[KVEntry, int]:
+    def acquire(self, prompt: Sequence[int], *, limit: int | None = None) -> tuple[KVEntry, int]:
         """An entry, marked in use, holding the longest cached prefix of ``prompt``.
 
-        At least the last prompt token is left to compute, so the caller gets its logits.
+        At least the last prompt token is left to compute, so the caller gets its logits; with
+        ``limit``, at most that many tokens come from the cache (the caller needs the states of
+        the positions after it).
 
         Returns:
             (entry, n): ``entry.tokens == prompt[:n]``; the caller computes ``prompt[n:]``.
@@ -118,7 +116,7 @@ class KVPool:
             KVCacheFullError: every entry is in use and no room is left.
         """
         prompt = list(prompt)
-        limit = len(prompt) - 1
+        limit = len(prompt) - 1 if limit is None else min(limit, len(prompt) - 1)
         best, n = None, 0
         best_key = (0, False, False)
         for e in self.entries:

@@ -12,6 +12,7 @@ sequences stay cached (task prefixes, conversations).
 
 from __future__ import annotations
 
+import ctypes
 import os
 import warnings
 from collections.abc import Sequence
@@ -19,10 +20,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import BackendUnavailableError
+from ..errors import BackendUnavailableError, KVCacheFullError
 from .base import Backend
 from .chat_template import ChatTemplate
-from .kv_cache import KVCacheFullError, KVEntry, KVPool
+from .kv_cache import KVEntry, KVPool
 
 # Control tokens that also end a reply when the model emits them (a new turn means the reply is over).
 _TURN_TOKENS = ("<|im_end|>", "<|endoftext|>", "<|im_start|>", "<|eot_id|>", "<end_of_turn>")
@@ -80,6 +81,8 @@ class LlamaCppBackend(Backend):
         self.model_id = model_id or Path(gguf_path).stem
         self.n_ctx = min(n_ctx, self._model.n_ctx_train())
         self.n_vocab = self._model.n_vocab()
+        self.n_layer = llama_cpp.llama_model_n_layer(self._model.model)
+        self.hidden_size = self._model.n_embd()
         self.kv_bytes_per_token = _kv_bytes_per_token(meta)
         # a tiny model's budget could mean millions of cells: cap at 16 full windows
         capacity = min(max(self.n_ctx, int(kv_cache_mb * 2**20 // self.kv_bytes_per_token)), 16 * self.n_ctx)
@@ -95,6 +98,8 @@ class LlamaCppBackend(Backend):
         # flash attention (llama.cpp's "auto" picks it on CPU) and 187 ms without; the gap grows
         # with the context, which is what conversation turns add up to.
         params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        self._states = _StateCapture(self.n_layer, self.hidden_size)
+        params.cb_eval = self._states.callback
         try:
             self._ctx = _internals.LlamaContext(model=self._model, params=params, verbose=False)
         except ValueError as exc:
@@ -132,9 +137,20 @@ class LlamaCppBackend(Backend):
         # special=False: control tokens (<|im_end|>, ...) never leak into reply text.
         return self._model.detokenize(list(ids), special=False).decode("utf-8", errors="replace")
 
-    def render_chat(self, messages, *, add_generation_prompt: bool = True) -> list[int]:
-        ids = super().render_chat(messages, add_generation_prompt=add_generation_prompt)
-        return [self._bos, *ids] if self._bos >= 0 else ids
+    def token_bytes(self, ids: Sequence[int]) -> list[bytes]:
+        out = []
+        buf = ctypes.create_string_buffer(64)
+        for tok in ids:
+            n = self._lib.llama_token_to_piece(self._model.vocab, int(tok), buf, len(buf), 0, False)
+            if n < 0:  # the piece is longer than the buffer: -n is its length
+                buf = ctypes.create_string_buffer(-n)
+                n = self._lib.llama_token_to_piece(self._model.vocab, int(tok), buf, len(buf), 0, False)
+            out.append(buf.raw[:n])
+        return out
+
+    @property
+    def bos_ids(self) -> list[int]:
+        return [self._bos] if self._bos >= 0 else []
 
     # -- KV store (see kv_cache.KVStore) -----------------------------------------------------
     def kv_new(self) -> int:
@@ -150,11 +166,17 @@ class LlamaCppBackend(Backend):
         self._free_seqs.append(seq)
 
     # -- compute ------------------------------------------------------------------------
-    def _forward(self, entries: Sequence[KVEntry], new_tokens: Sequence[Sequence[int]],
-                 all_logits: bool) -> list[np.ndarray]:
+    def _forward(self, entries: Sequence[KVEntry], new_tokens: Sequence[Sequence[int]], *,
+                 all_logits: bool, layers: Sequence[int] = (),
+                 logits: bool = True) -> tuple[list[np.ndarray] | None, list[np.ndarray] | None]:
         lib, batch = self._lib, self._batch
         rows: list[list[np.ndarray]] = [[] for _ in entries]
         wanted: list[tuple[int, int]] = []  # (batch position, entry index) whose logits are asked for
+        # hidden states: the final layer exists only for positions marked as outputs
+        final = self.n_layer in layers
+        states: list[dict[int, list[np.ndarray]]] = [{x: [] for x in layers} for _ in entries]
+        owners: list[int] = []  # entry index of every token of the current batch
+        outputs: list[int] = []  # entry index of every output position of the current batch
         n = 0
 
         def flush() -> None:
@@ -162,11 +184,18 @@ class LlamaCppBackend(Backend):
             if not n:
                 return
             batch.n_tokens = n
-            rc = lib.llama_decode(self._ctx.ctx, batch)
-            # 1: no free cells for the batch. llama.cpp finds room for every micro-batch before
-            # it writes anything, so the batch can be retried once idle sequences are evicted.
-            while rc == 1 and self.kv.evict_one(keep=entries):
+            self._states.start(layers)
+            try:
                 rc = lib.llama_decode(self._ctx.ctx, batch)
+                # 1: no free cells for the batch. llama.cpp finds room for every micro-batch before
+                # it writes anything, so the batch can be retried once idle sequences are evicted.
+                while rc == 1 and self.kv.evict_one(keep=entries):
+                    self._states.start(layers)
+                    rc = lib.llama_decode(self._ctx.ctx, batch)
+                captured = self._states.stop()
+            except BaseException:
+                self._states.stop()
+                raise
             if rc == 1:
                 raise KVCacheFullError("no room in the llama.cpp KV cache for this batch; retry shortly")
             if rc != 0:
@@ -174,7 +203,13 @@ class LlamaCppBackend(Backend):
             for pos, i in wanted:
                 ptr = lib.llama_get_logits_ith(self._ctx.ctx, pos)
                 rows[i].append(np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy())
+            for layer, mat in captured.items():
+                who = outputs if layer == self.n_layer else owners
+                for i in set(who):
+                    states[i][layer].append(mat[[k for k, w in enumerate(who) if w == i]])
             wanted.clear()
+            owners.clear()
+            outputs.clear()
             n = 0
 
         # One token of each of a few sequences: separate decodes are cheaper than one batch (see
@@ -192,13 +227,20 @@ class LlamaCppBackend(Backend):
                 batch.pos[n] = start + k
                 batch.n_seq_id[n] = 1
                 batch.seq_id[n][0] = entry.handle
-                need = all_logits or k == last
-                batch.logits[n] = need
+                need = logits and (all_logits or k == last)
+                batch.logits[n] = need or final
                 if need:
                     wanted.append((n, i))
+                if need or final:
+                    outputs.append(i)
+                owners.append(i)
                 n += 1
         flush()
-        return [np.stack(r) if all_logits else r[-1] for r in rows]
+        out_logits = [np.stack(r) if all_logits else r[-1] for r in rows] if logits else None
+        out_states = None
+        if layers:
+            out_states = [np.stack([np.concatenate(st[x]) for x in layers]) for st in states]
+        return out_logits, out_states
 
     def _llguidance_tokenizer(self):
         import llguidance.llamacpp
@@ -216,6 +258,62 @@ class LlamaCppBackend(Backend):
             self._batch = None
         self._ctx.close()
         self._model.close()
+
+
+class _StateCapture:
+    """Copies hidden states out of llama.cpp's compute graph while a batch is computed.
+
+    llama.cpp calls a scheduler callback (``cb_eval``) for every node of the graph, first to ask
+    whether the caller wants the node's data, then, if so, once it is computed. The nodes read
+    here are each layer's output (``l_out-{i}``, every token of the batch) and the final
+    normalized output (``result_norm``, the output positions only). Between captures the
+    callback answers "no" at once.
+    """
+
+    def __init__(self, n_layer: int, hidden_size: int) -> None:
+        import llama_cpp
+
+        lib = ctypes.CDLL(str(Path(llama_cpp.__file__).parent / "lib" / "libggml-base.so"))
+        lib.ggml_get_name.restype = ctypes.c_char_p
+        lib.ggml_get_name.argtypes = [ctypes.c_void_p]
+        lib.ggml_nbytes.restype = ctypes.c_size_t
+        lib.ggml_nbytes.argtypes = [ctypes.c_void_p]
+        lib.ggml_backend_tensor_get.restype = None
+        lib.ggml_backend_tensor_get.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t]
+        self._ggml = lib
+        self.n_layer = n_layer
+        self.hidden_size = hidden_size
+        self._names: dict[bytes, int] = {}
+        self._out: dict[int, list[np.ndarray]] = {}
+        self.callback = llama_cpp.ggml_backend_sched_eval_callback(self._on_node)
+
+    def _name(self, layer: int) -> bytes:
+        return b"result_norm" if layer == self.n_layer else f"l_out-{layer - 1}".encode()
+
+    def start(self, layers: Sequence[int]) -> None:
+        self._names = {self._name(x): x for x in layers}
+        self._out = {x: [] for x in layers}
+
+    def stop(self) -> dict[int, np.ndarray]:
+        names, self._names = self._names, {}
+        out = {x: np.concatenate(parts) if parts else np.zeros((0, self.hidden_size), np.float32)
+               for x, parts in self._out.items()}
+        self._out = {}
+        return out if names else {}
+
+    def _on_node(self, tensor: int, ask: bool, user_data: int) -> bool:
+        if not self._names:
+            return not ask  # nothing wanted; (never asked to read)
+        name = self._ggml.ggml_get_name(tensor)
+        layer = self._names.get(name)
+        if ask:
+            return layer is not None
+        if layer is not None and ctypes.c_int32.from_address(tensor).value == 0:  # GGML_TYPE_F32
+            size = self._ggml.ggml_nbytes(tensor)
+            buf = np.empty(size // 4, dtype=np.float32)
+            self._ggml.ggml_backend_tensor_get(tensor, buf.ctypes.data, 0, size)
+            self._out[layer].append(buf.reshape(-1, self.hidden_size))
+        return True
 
 
 def _kv_bytes_per_token(meta: dict[str, str]) -> int:

@@ -6,18 +6,15 @@ same decoding rules (and, greedy, the same tokens) on either engine.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import numpy as np
 
-if TYPE_CHECKING:
-    from .base import SamplingParams
+from ..types import SamplingParams
 
 #: the repetition penalty looks at this many most recent tokens (llama.cpp's default window)
 PENALTY_WINDOW = 64
 
 
-def sample(logits: np.ndarray, sampling: "SamplingParams", history: list[int], rng: np.random.Generator,
+def sample(logits: np.ndarray, sampling: SamplingParams, history: list[int], rng: np.random.Generator,
            allowed: np.ndarray | None = None) -> int:
     """Pick the next token id.
 

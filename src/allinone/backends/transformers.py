@@ -11,6 +11,7 @@ the labels' first tokens are computed.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import os
 from collections.abc import Callable, Sequence
@@ -76,6 +77,8 @@ class TransformersBackend(Backend):
             bos_token=tok.bos_token or "", eos_token=tok.eos_token or "",
         )
         self.n_vocab = int(self.model.get_output_embeddings().weight.shape[0])
+        self.n_layer = int(self.model.config.num_hidden_layers)
+        self.hidden_size = int(self.model.config.hidden_size)
         layers = self.model.config.num_hidden_layers
         kv_heads = getattr(self.model.config, "num_key_value_heads", None) or self.model.config.num_attention_heads
         head_dim = getattr(self.model.config, "head_dim", None) or self.model.config.hidden_size // self.model.config.num_attention_heads
@@ -129,21 +132,42 @@ class TransformersBackend(Backend):
         pass  # the cache's tensors are freed with the last reference
 
     # -- compute ------------------------------------------------------------------------
-    def _forward(self, entries, new_tokens, all_logits):
+    def _forward(self, entries, new_tokens, *, all_logits, layers=(), logits=True):
         torch = self._torch
-        out = []
+        out_logits, out_states = [], []
         with torch.inference_mode():
             for entry, new in zip(entries, new_tokens):
                 start = len(entry.tokens)
                 ids = torch.tensor([list(new)], dtype=torch.long)
                 positions = torch.arange(start, start + len(new), dtype=torch.long).unsqueeze(0)
-                hidden = self.model.model(input_ids=ids, position_ids=positions, use_cache=True,
-                                          **{self._cache_arg: entry.handle}).last_hidden_state[0]
-                logits = self.model.lm_head(hidden if all_logits else hidden[-1])
-                out.append(logits.float().numpy())
+                result = self.model.model(input_ids=ids, position_ids=positions, use_cache=True,
+                                          output_hidden_states=bool(layers), **{self._cache_arg: entry.handle})
+                hidden = result.last_hidden_state[0]
+                if logits:
+                    out_logits.append(self.model.lm_head(hidden if all_logits else hidden[-1]).float().numpy())
+                if layers:
+                    # hidden_states[i]: after i blocks (0 = embeddings); the last one is normalized
+                    out_states.append(torch.stack([result.hidden_states[x][0] for x in layers]).float().numpy())
+        return (out_logits if logits else None), (out_states if layers else None)
+
+    def token_bytes(self, ids: Sequence[int]) -> list[bytes]:
+        decoder = _byte_decoder()
+        pieces = self.tokenizer.convert_ids_to_tokens([int(i) for i in ids])
+        out = []
+        for tok, piece in zip(ids, pieces):
+            if piece is not None and all(ch in decoder for ch in piece):
+                out.append(bytes(decoder[ch] for ch in piece))  # a byte-level BPE piece
+            else:
+                out.append(self.tokenizer.decode([int(tok)]).encode("utf-8"))
         return out
 
     # -- batched scoring (classification) ---------------------------------------------------
+    def score_batch_hidden(self, requests, layers, *, relative=False):
+        # hidden states come from the one-sequence-at-a-time path of the base class
+        if layers or not self._batched_scoring:
+            return super().score_batch_hidden(requests, layers, relative=relative)
+        return self.score_batch(requests, relative=relative), None
+
     def score_batch(self, requests: Sequence[ScoreRequest], *, relative: bool = False) -> list[list[float]]:
         """:meth:`Backend.score_batch` with the prompts computed as padded batches.
 
@@ -357,6 +381,21 @@ class TransformersBackend(Backend):
     def close(self) -> None:
         self.kv.clear()
         self.model = None
+
+
+@functools.lru_cache(maxsize=1)
+def _byte_decoder() -> dict[str, int]:
+    """The byte-level BPE alphabet of GPT-2 and Qwen (Radford et al. 2019, ``bytes_to_unicode``):
+    printable characters stand for bytes; this maps each character back to its byte."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    chars = printable[:]
+    extra = 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            chars.append(256 + extra)
+            extra += 1
+    return {chr(c): b for b, c in zip(printable, chars)}
 
 
 @dataclass(eq=False)

@@ -46,7 +46,7 @@ def classification_report(gold: Sequence[str], pred: Sequence[str], labels: Sequ
     labels = list(labels) if labels else sorted(set(gold) | set(pred))
     for extra in sorted((set(gold) | set(pred)) - set(labels)):
         labels.append(extra)
-    confusion = {g: {p: 0 for p in labels} for g in labels}
+    confusion = {g: dict.fromkeys(labels, 0) for g in labels}
     for g, p in zip(gold, pred):
         confusion[g][p] += 1
     per_label = {}

@@ -199,7 +199,7 @@ def to_markdown(report: dict[str, Any]) -> str:
     """The report as markdown: one summary row, then the confusion matrix or per-type table."""
     timing = f"{report['ms_per_item']} | {report['p50_ms']} | {report['p95_ms']}"
     name = Path(report["data"]).name
-    head = f"| task | data | model | backend | n | "
+    head = "| task | data | model | backend | n | "
     if "accuracy" in report:
         cols = ["accuracy", "macro-F1"]
         vals = [report["accuracy"], report["macro_f1"]]

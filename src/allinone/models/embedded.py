@@ -247,10 +247,9 @@ def _recover_unsidecarred(model: EmbeddedModel, target: Path) -> bool:
     """Verify a right-sized ``target`` that has no valid sidecar (a crash between rename and
     sidecar write); write the sidecar if it is good, delete it otherwise."""
     try:
-        if target.stat().st_size == model.size:
-            if _hash_file(target, desc=f"Verifying {target.name}") == model.sha256:
-                _write_sidecar(target, model.sha256)
-                return True
+        if target.stat().st_size == model.size and _hash_file(target, desc=f"Verifying {target.name}") == model.sha256:
+            _write_sidecar(target, model.sha256)
+            return True
     except OSError:
         pass
     logger.warning("Removing unverifiable cached model file %s", target)

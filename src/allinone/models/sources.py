@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -54,6 +54,50 @@ class ModelSource:
     kind: Literal["gguf", "hf"]
     path: Path
     name: str
+    #: lower-case hex SHA-256 of the model, when known without reading it (the embedded models)
+    sha256: str | None = field(default=None, compare=False)
+
+    def fingerprint(self) -> str:
+        """The model's SHA-256: of the GGUF file, or of a Hugging Face folder's weight and config
+        files (names and contents, in name order). Learned task artifacts are tied to it.
+        Read once per file and kept in a ``.sha256`` sidecar next to a GGUF file when it can be
+        written (about 2 s per GB)."""
+        if self.sha256 is not None:
+            return self.sha256
+        import hashlib
+
+        if self.kind == "gguf":
+            sidecar = self.path.with_name(self.path.name + ".sha256")
+            stat = self.path.stat()
+            stamp = f"{stat.st_size} {int(stat.st_mtime)}"
+            try:
+                lines = sidecar.read_text(encoding="ascii").splitlines()
+            except (OSError, UnicodeDecodeError):
+                lines = []
+            if len(lines) == 2 and lines[1] == stamp:
+                digest = lines[0].split()[0]
+                object.__setattr__(self, "sha256", digest)
+                return digest
+            h = hashlib.sha256()
+            with self.path.open("rb") as fh:
+                for chunk in iter(lambda: fh.read(1 << 22), b""):
+                    h.update(chunk)
+            value = h.hexdigest()
+            try:
+                sidecar.write_text(f"{value}  {self.path.name}\n{stamp}", encoding="ascii")
+            except OSError:
+                pass
+        else:
+            h = hashlib.sha256()
+            for f in sorted(self.path.iterdir()):
+                if f.is_file() and f.suffix in (".safetensors", ".bin", ".json", ".model", ".txt"):
+                    h.update(f.name.encode() + b"\0")
+                    with f.open("rb") as fh:
+                        for chunk in iter(lambda: fh.read(1 << 22), b""):
+                            h.update(chunk)
+            value = h.hexdigest()
+        object.__setattr__(self, "sha256", value)
+        return value
 
 
 def default_cache_dir() -> Path:
@@ -97,7 +141,7 @@ def resolve_model(spec: str = "embedded", *, cache_dir: Path | None = None) -> M
     embedded = EMBEDDED_MODELS.get(spec.lower())
     if embedded is not None:
         root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-        return ModelSource("gguf", ensure_embedded(embedded, root), embedded.name)
+        return ModelSource("gguf", ensure_embedded(embedded, root), embedded.name, sha256=embedded.sha256)
 
     path = Path(spec).expanduser()
     if path.exists():

@@ -23,6 +23,7 @@ from .errors import install_error_handlers
 from .limits import BodyLimitMiddleware
 from .metrics import MetricsMiddleware
 from .routes import openai, sessions, system, tasks
+from .security import key_matches
 from .state import ServerState
 
 if TYPE_CHECKING:
@@ -76,5 +77,8 @@ def create_app(settings: Settings | None = None, ai: "AllInOne | None" = None) -
     if settings.ui:
         from ..ui import mount_ui  # gradio is imported only when the UI is wanted
 
-        mount_ui(app, server)
+        keys = settings.api_keys
+        mount_ui(app, server.require_ai, default_max_tokens=settings.default_max_tokens,
+                 max_tokens_limit=settings.max_tokens_limit,
+                 auth=(lambda username, password: key_matches(password, keys)) if keys else None)
     return app

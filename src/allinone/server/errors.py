@@ -18,28 +18,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..errors import AllInOneError, OverloadedError
+from ..errors import AllInOneError, AuthenticationError, ModelLoadingError, OverloadedError
 
 log = logging.getLogger(__name__)
-
-
-class ModelLoadingError(AllInOneError):
-    """The model is still loading (or failed to load); model routes answer 503 meanwhile."""
-
-    status_code = 503
-    code = "model_loading"
-
-    def __init__(self, message: str = "the model is loading; retry shortly", *, retry_after: float = 5.0) -> None:
-        super().__init__(message)
-        self.retry_after = retry_after
-
-
-class AuthenticationError(AllInOneError):
-    """A missing or wrong API key."""
-
-    status_code = 401
-    code = "invalid_api_key"
-    error_type = "invalid_request_error"
 
 
 def error_body(message: str, *, type: str, code: str | None, param: str | None = None) -> dict[str, Any]:

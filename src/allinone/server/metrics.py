@@ -16,15 +16,22 @@ Series (``route`` is the route template, e.g. ``/v1/chat/completions``, so cardi
 - ``allinone_kv_cache_tokens``: token positions held in the KV cache (running and cached sequences).
 - ``allinone_kv_prefix_hit_ratio``: share of all prompt tokens so far that came from the KV cache
   instead of being computed (task prefixes, conversations).
+- ``allinone_active_replies``: replies being decoded now.
+- ``allinone_batch_size_total{size}``: score and encode batches run, by how many jobs each held.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+if TYPE_CHECKING:
+    from ..engine import EngineStats
 
 # Sentiment takes ~0.2-0.5 s on the embedded model, a chat reply several seconds.
 _BUCKETS = (0.005, 0.025, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
@@ -34,14 +41,14 @@ class Metrics:
     """The app's metric objects.
 
     Args:
-        queue_depth: returns the number of requests waiting for the model now.
+        stats: returns the model's :class:`~allinone.engine.EngineStats` now (or None while it
+            loads).
         in_flight: returns the number of admitted model requests now.
         model_loaded: returns whether the model is ready.
-        kv_pool: returns the backend's :class:`~allinone.backends.kv_cache.KVPool` (or None).
     """
 
-    def __init__(self, *, queue_depth: Callable[[], float], in_flight: Callable[[], float],
-                 model_loaded: Callable[[], bool], kv_pool: Callable[[], object | None] = lambda: None) -> None:
+    def __init__(self, *, stats: Callable[[], "EngineStats | None"], in_flight: Callable[[], float],
+                 model_loaded: Callable[[], bool]) -> None:
         self.registry = CollectorRegistry()
         reg = self.registry
         self.requests = Counter("allinone_requests", "HTTP requests answered", ["route", "method", "status"],
@@ -52,19 +59,23 @@ class Metrics:
                                      ["route"], registry=reg)
         self.completion_tokens = Counter("allinone_completion_tokens", "Tokens generated (out)", ["route"],
                                          registry=reg)
-        Gauge("allinone_queue_depth", "Requests waiting for the model", registry=reg).set_function(queue_depth)
+
+        def figure(fn: Callable[["EngineStats"], float]) -> Callable[[], float]:
+            return lambda: float(fn(s)) if (s := stats()) is not None else 0.0
+
+        Gauge("allinone_queue_depth", "Requests waiting for the model", registry=reg).set_function(
+            figure(lambda s: s.queue_depth))
         Gauge("allinone_requests_in_flight", "Model requests admitted and not finished",
               registry=reg).set_function(in_flight)
         Gauge("allinone_model_loaded", "1 once the model is ready", registry=reg).set_function(
             lambda: float(model_loaded()))
-
-        def pool_figure(fn: Callable[[object], float]) -> Callable[[], float]:
-            return lambda: fn(pool) if (pool := kv_pool()) is not None else 0.0
-
+        Gauge("allinone_active_replies", "Replies being decoded now", registry=reg).set_function(
+            figure(lambda s: s.active_replies))
         Gauge("allinone_kv_cache_tokens", "Token positions held in the KV cache", registry=reg).set_function(
-            pool_figure(lambda p: p.used_tokens))
+            figure(lambda s: s.kv_used_tokens))
         Gauge("allinone_kv_prefix_hit_ratio", "Share of prompt tokens taken from the KV cache",
-              registry=reg).set_function(pool_figure(lambda p: p.cached_tokens / max(p.prompt_tokens, 1)))
+              registry=reg).set_function(figure(lambda s: s.prefix_hit_ratio))
+        reg.register(_BatchSizes(stats))
 
     def count_tokens(self, route: str, prompt_tokens: int, completion_tokens: int) -> None:
         self.prompt_tokens.labels(route).inc(prompt_tokens)
@@ -73,6 +84,20 @@ class Metrics:
     def render(self) -> tuple[bytes, str]:
         """The exposition text and its content type."""
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+class _BatchSizes:
+    """``allinone_batch_size_total{size}``: score and encode batches run, by how many jobs each held."""
+
+    def __init__(self, stats: Callable[[], "EngineStats | None"]) -> None:
+        self._stats = stats
+
+    def collect(self):
+        family = CounterMetricFamily("allinone_batch_size", "Score/encode batches run, by size", labels=["size"])
+        current = self._stats()
+        for size, count in sorted((current.batch_sizes if current is not None else {}).items()):
+            family.add_metric([str(size)], count)
+        yield family
 
 
 class MetricsMiddleware:

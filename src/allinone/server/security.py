@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 from fastapi import Request
 
-from .errors import AuthenticationError
+from ..errors import AuthenticationError
 
 
 def key_matches(given: str, keys: Sequence[str]) -> bool:

@@ -8,9 +8,8 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..errors import OverloadedError
+from ..errors import ModelLoadingError, OverloadedError
 from ..sessions import SessionStore
-from .errors import ModelLoadingError
 from .metrics import Metrics
 
 if TYPE_CHECKING:
@@ -73,10 +72,9 @@ class ServerState:
         self.admission = Admission(settings.max_queue + 1)
         self.store = SessionStore(db_path(settings))
         self.metrics = Metrics(
-            queue_depth=lambda: self.ai.engine.queue_depth if self.ai is not None else 0,
+            stats=lambda: self.ai.stats() if self.ai is not None else None,
             in_flight=lambda: self.admission.active,
             model_loaded=lambda: self.ai is not None,
-            kv_pool=lambda: getattr(self.ai.engine.backend, "kv", None) if self.ai is not None else None,
         )
 
     def require_ai(self) -> "AllInOne":

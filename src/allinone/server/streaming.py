@@ -15,7 +15,7 @@ import anyio
 from fastapi import Request
 
 from ..errors import CancelledError
-from ..results import ChatChunk, ChatResult, Usage
+from ..results import ChatChunk, ChatResult
 
 
 class ChunkStream:
@@ -66,17 +66,12 @@ async def collect(request: Request, stream: ChunkStream) -> ChatResult:
         CancelledError: the client disconnected; generation has been stopped.
         AllInOneError: whatever the engine raised (timeout, invalid input found on the worker).
     """
-    parts: list[str] = []
-    last: ChatChunk | None = None
+    chunks: list[ChatChunk] = []
     try:
         while (chunk := await stream.next()) is not None:
-            parts.append(chunk.text)
-            last = chunk
+            chunks.append(chunk)
             if chunk.finish_reason is None and await request.is_disconnected():
                 raise CancelledError("the client disconnected")
     finally:
         await stream.aclose()
-    if last is None or last.finish_reason is None:  # pragma: no cover - the engine always ends with one
-        raise RuntimeError("the reply stream ended without a finish reason")
-    return ChatResult(text="".join(parts), finish_reason=last.finish_reason,
-                      usage=last.usage or Usage(0, 0), truncated=last.truncated)
+    return ChatResult.from_chunks(chunks)

@@ -1,20 +1,18 @@
-"""Tasks: how an input becomes a prompt for the one model, and how the output becomes a result.
+"""Tasks: how an input becomes engine jobs for the one model, and how their outputs become a result.
 
 Tasks are declarations (TOML files checked by :mod:`.spec`); the built-ins are such files in this
-package. A task never calls a backend on its own initiative: the engine runs a task's functions
-on its worker thread, handing them the backend (``*_request`` / ``plan_*`` build what to compute,
-``*_result`` turns the model's output into the result).
+package. What a task does is decided by its *kind* (:mod:`.kinds`: classify, extract, generate),
+one object each. A task never calls a backend or the engine: it builds plain jobs and parses
+their outputs; :class:`~allinone.api.AllInOne` runs the jobs.
 """
 
-from .builtin import SENTIMENT
-from .chat import ChatRequest, chat_chunks, plan_chat, prepare_chat
-from .classify import ClassifyTask, classify, classify_request, classify_result, prepare_text
-from .extract import ExtractTask, extract, extract_result, plan_extract
-from .registry import BUILTIN_TASKS, TaskRegistry
-from .spec import TaskDeclarationError, TaskSpec, load_spec, parse_spec
+from .chat import ChatRequest
+from .kinds import KINDS, ClassifyTask, ExtractTask, Limits, Request, TaskKind, kind_of, reply_chunks
+from .prompting import TaskPrompt, detect_lang
+from .registry import BUILTIN_TASKS, TaskRegistry, load_spec, parse_spec
+from .spec import TaskSpec
 
 __all__ = [
-    "BUILTIN_TASKS", "ChatRequest", "ClassifyTask", "ExtractTask", "SENTIMENT", "TaskDeclarationError",
-    "TaskRegistry", "TaskSpec", "chat_chunks", "classify", "classify_request", "classify_result", "extract",
-    "extract_result", "load_spec", "parse_spec", "plan_chat", "plan_extract", "prepare_chat", "prepare_text",
+    "BUILTIN_TASKS", "KINDS", "ChatRequest", "ClassifyTask", "ExtractTask", "Limits", "Request", "TaskKind",
+    "TaskPrompt", "TaskRegistry", "TaskSpec", "detect_lang", "kind_of", "load_spec", "parse_spec", "reply_chunks",
 ]

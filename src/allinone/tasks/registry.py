@@ -12,16 +12,72 @@ overrides the built-in), except that two files of one folder may not declare the
 from __future__ import annotations
 
 import threading
+import tomllib
 from collections.abc import Iterator, Mapping
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from ..errors import UnknownTaskError
-from .runner import input_schema, output_schema
-from .spec import TaskDeclarationError, TaskSpec, load_spec, parse_spec
+from pydantic import ValidationError
+
+from ..errors import TaskDeclarationError, UnknownTaskError
+from .kinds import KINDS, kind_of
+from .spec import TaskSpec, format_errors
 
 BUILTIN_TASKS = ("sentiment", "sentiment3", "intent", "ner", "keywords", "chat")
+
+
+def check_spec(spec: TaskSpec) -> TaskSpec:
+    """The checks a declaration's kind makes (fields only another kind may set, examples that
+    fit the kind, a derivable output schema).
+
+    Raises:
+        TaskDeclarationError: naming the declaration's source and the field.
+    """
+    kind = KINDS[spec.kind]
+    try:
+        owned = {f for k in KINDS.values() for f in k.fields}
+        for name in sorted(owned - kind.fields):
+            if getattr(spec, name) not in (None, [], {}):
+                owners = " / ".join(k.name for k in KINDS.values() if name in k.fields)
+                raise ValueError(f"{name}: only a {owners} task has it (this one is {spec.kind})")
+        kind.check_spec(spec)
+    except ValueError as exc:
+        raise TaskDeclarationError(f"{spec.source}: {exc}") from None
+    return spec
+
+
+def parse_spec(data: dict[str, Any], source: str = "<python>") -> TaskSpec:
+    """Validate a declaration given as a mapping (e.g. parsed TOML).
+
+    Raises:
+        TaskDeclarationError: with every problem, each line naming ``source`` and the field.
+    """
+    if not isinstance(data, dict):
+        raise TaskDeclarationError(f"{source}: a task declaration must be a table/object")
+    try:
+        spec = TaskSpec.model_validate({**data, "source": source})
+    except ValidationError as exc:
+        raise TaskDeclarationError(format_errors(exc, source)) from None
+    return check_spec(spec)
+
+
+def load_spec(path: str | Path) -> TaskSpec:
+    """Read and validate a TOML task file.
+
+    Raises:
+        TaskDeclarationError: unreadable file, TOML syntax error (with line), or an invalid field.
+    """
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise TaskDeclarationError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise TaskDeclarationError(f"{path}: not UTF-8 text") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise TaskDeclarationError(f"{path}: TOML syntax error: {exc}") from None
+    return parse_spec(data, source=str(path))
 
 
 def builtin_specs() -> list[TaskSpec]:
@@ -56,7 +112,9 @@ class TaskRegistry:
             spec = load_spec(spec)
         elif isinstance(spec, Mapping):
             spec = parse_spec(dict(spec))
-        elif not isinstance(spec, TaskSpec):
+        elif isinstance(spec, TaskSpec):
+            spec = check_spec(spec)
+        else:
             raise TaskDeclarationError("register() takes a TaskSpec, a mapping or a path to a .toml file")
         with self._lock:
             self._specs[spec.name] = spec
@@ -103,19 +161,16 @@ class TaskRegistry:
     def describe(self, name: str) -> dict[str, Any]:
         """Name, kind, description, languages, labels/types, and the input and output JSON schemas."""
         spec = self.get(name)
-        out: dict[str, Any] = {
+        kind = kind_of(spec)
+        return {
             "name": spec.name,
             "kind": spec.kind,
             "description": spec.description,
             "languages": spec.languages(),
-            "input_schema": input_schema(spec),
-            "output_schema": output_schema(spec),
+            "input_schema": kind.input_schema(spec),
+            "output_schema": kind.output_schema(spec),
+            **kind.describe(spec),
         }
-        if spec.kind == "classify":
-            out["labels"] = [lab.name for lab in spec.labels]
-        if spec.spans is not None:
-            out["types"] = list(spec.spans.types)
-        return out
 
     def list(self) -> list[dict[str, Any]]:
         """:meth:`describe` of every task, sorted by name."""

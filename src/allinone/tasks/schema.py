@@ -131,9 +131,8 @@ def validate(value: Any, schema: dict[str, Any], where: str = "$") -> list[str]:
     elif t == "number":
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             errors.append(f"{where}: expected a number")
-    elif t == "boolean":
-        if not isinstance(value, bool):
-            errors.append(f"{where}: expected a boolean")
+    elif t == "boolean" and not isinstance(value, bool):
+        errors.append(f"{where}: expected a boolean")
     return errors
 
 

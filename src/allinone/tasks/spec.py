@@ -29,27 +29,13 @@ Every error names the file and the field, e.g.
 from __future__ import annotations
 
 import re
-import tomllib
-from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from ..errors import AllInOneError
-from .schema import SchemaError, check_schema, validate
-
 Kind = Literal["classify", "extract", "generate"]
 NAME_RE = re.compile(r"^[a-z][a-z0-9_-]{0,63}$")
-DEFAULT_TEMPLATE = "<text>\n{text}\n</text>"
 RESERVED_NAMES = frozenset({"analyze"})
-
-
-class TaskDeclarationError(AllInOneError):
-    """A task declaration is invalid; the message names the file (or source) and every bad field."""
-
-    status_code = 400
-    code = "invalid_task"
-    error_type = "invalid_request_error"
 
 
 class _Strict(BaseModel):
@@ -190,58 +176,13 @@ class TaskSpec(_Strict):
         names = [lab.name for lab in self.labels]
         if len(set(names)) != len(names):
             raise ValueError("labels: names must be unique")
-        if self.kind != "classify" and self.labels:
-            raise ValueError(f"labels: only a classify task has labels (this one is {self.kind})")
-        if self.kind != "extract" and (self.output_schema is not None or self.spans is not None or self.dedupe):
-            raise ValueError(f"output_schema/spans/dedupe: only an extract task has them (this one is {self.kind})")
-        if self.kind == "extract":
-            if self.output_schema is None and self.spans is None:
-                raise ValueError("output_schema: an extract task needs output_schema or spans")
-            try:
-                schema = check_schema(self.output_schema if self.output_schema is not None else self.spans.schema())
-            except SchemaError as exc:
-                raise ValueError(str(exc)) from None
-            object.__setattr__(self, "output_schema", schema)
-            if self.spans is not None:
-                field = schema["properties"].get(self.spans.field, {})
-                item = field.get("items", {}) if field.get("type") == "array" else {}
-                props = item.get("properties", {}) if item.get("type") == "object" else {}
-                if self.spans.text_key not in props or self.spans.type_key not in props:
-                    raise ValueError(
-                        f"spans: output_schema must have an array '{self.spans.field}' of objects with "
-                        f"'{self.spans.text_key}' and '{self.spans.type_key}'"
-                    )
-            for name in self.dedupe:
-                prop = schema["properties"].get(name, {})
-                if prop.get("type") != "array" or prop.get("items", {}).get("type") != "string":
-                    raise ValueError(f"dedupe: {name!r} is not a top-level array of strings in output_schema")
-        for i, ex in enumerate(self.examples):
-            where = f"examples[{i}]"
-            if self.kind == "classify":
-                if ex.label is None or ex.output is not None:
-                    raise ValueError(f"{where}: a classify example needs 'label' (and no 'output')")
-                if not self.labels:
-                    raise ValueError(f"{where}: examples need declared labels")
-                if ex.label not in names:
-                    raise ValueError(f"{where}.label: {ex.label!r} is not one of {names}")
-            elif self.kind == "extract":
-                if not isinstance(ex.output, dict) or ex.label is not None:
-                    raise ValueError(f"{where}: an extract example needs 'output' as a table/object")
-                errors = validate(ex.output, self.output_schema)
-                if errors:
-                    raise ValueError(f"{where}.output does not match output_schema: {errors[0]}")
-            elif not isinstance(ex.output, str):
-                raise ValueError(f"{where}: a generate example needs 'output' as a string")
         return self
 
     # -- prompt pieces ------------------------------------------------------------------
-    def pick(self, table: dict[str, str], lang: str, default: str = "") -> str:
-        """The entry for ``lang``, else English, else the first one, else ``default``."""
-        if lang in table:
-            return table[lang]
-        if "en" in table:
-            return table["en"]
-        return next(iter(table.values()), default)
+    def examples_for(self, lang: str) -> list[Example]:
+        """The examples written for ``lang`` (or for any language); all of them if none is."""
+        chosen = [ex for ex in self.examples if ex.lang in (None, lang)]
+        return chosen or list(self.examples)
 
     def languages(self) -> list[str]:
         return list(self.instructions)
@@ -257,35 +198,3 @@ def format_errors(exc: ValidationError, source: str) -> str:
         msg = e["msg"].removeprefix("Value error, ")
         lines.append(f"{source}: {loc}: {msg}" if loc else f"{source}: {msg}")
     return "\n".join(lines)
-
-
-def parse_spec(data: dict[str, Any], source: str = "<python>") -> TaskSpec:
-    """Validate a declaration given as a mapping (e.g. parsed TOML).
-
-    Raises:
-        TaskDeclarationError: with every problem, each line naming ``source`` and the field.
-    """
-    if not isinstance(data, dict):
-        raise TaskDeclarationError(f"{source}: a task declaration must be a table/object")
-    try:
-        return TaskSpec.model_validate({**data, "source": source})
-    except ValidationError as exc:
-        raise TaskDeclarationError(format_errors(exc, source)) from None
-
-
-def load_spec(path: str | Path) -> TaskSpec:
-    """Read and validate a TOML task file.
-
-    Raises:
-        TaskDeclarationError: unreadable file, TOML syntax error (with line), or an invalid field.
-    """
-    path = Path(path)
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise TaskDeclarationError(f"{path}: cannot read: {exc.strerror or exc}") from None
-    except UnicodeDecodeError:
-        raise TaskDeclarationError(f"{path}: not UTF-8 text") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise TaskDeclarationError(f"{path}: TOML syntax error: {exc}") from None
-    return parse_spec(data, source=str(path))

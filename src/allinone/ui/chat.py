@@ -21,7 +21,6 @@ if TYPE_CHECKING:
     from fastapi import FastAPI
 
     from ..api import AllInOne
-    from ..server.state import ServerState
 
 EMOJI = {"positive": "😊", "negative": "😞"}
 UI_PATH = "/ui"
@@ -58,10 +57,8 @@ class ChatHandlers:
         if not message or not message.strip():
             raise gr.Error("Type a message first.")
         try:
-            ai = self.get_ai()
-            result = ai.sentiment(message)
-            chunks = ai.chat([*history, {"role": "user", "content": message}], stream=True,
-                             temperature=temperature, max_tokens=int(max_tokens))
+            result, chunks = self.get_ai().analyze_stream(message, history, temperature=temperature,
+                                                          max_tokens=int(max_tokens))
         except AllInOneError as exc:
             raise gr.Error(exc.message) from None
         shown = [*shown, {"role": "user", "content": f"{message}\n\n*{sentiment_badge(result)}*"},
@@ -134,19 +131,16 @@ def build_ui(get_ai: Callable[[], "AllInOne"], *, default_max_tokens: int = 512,
     return demo
 
 
-def mount_ui(app: "FastAPI", server: "ServerState") -> None:
-    """Mount the UI at ``/ui``. With API keys configured, the UI asks for a log-in: any user
-    name, an API key as the password."""
-    from ..server.security import key_matches
+def mount_ui(app: "FastAPI", get_ai: Callable[[], "AllInOne"], *, default_max_tokens: int = 512,
+             max_tokens_limit: int = 2048, auth: Callable[[str, str], bool] | None = None) -> None:
+    """Mount the UI at ``/ui`` of ``app``.
 
-    settings = server.settings
-    demo = build_ui(server.require_ai, default_max_tokens=settings.default_max_tokens,
-                    max_tokens_limit=settings.max_tokens_limit)
-    auth = None
-    if settings.api_keys:
-        def auth(username: str, password: str) -> bool:
-            return key_matches(password, settings.api_keys)
-
+    Args:
+        get_ai: returns the loaded model, or raises ``AllInOneError`` (e.g. still loading).
+        auth: with API keys configured, the server's check of a (user name, password) log-in;
+            the UI then asks for one (any user name, an API key as the password).
+    """
+    demo = build_ui(get_ai, default_max_tokens=default_max_tokens, max_tokens_limit=max_tokens_limit)
     gr.mount_gradio_app(app, demo, path=UI_PATH, auth=auth,
                         auth_message="Log in with any user name and an API key as the password.",
                         footer_links=[], run_history=False, ssr_mode=False, mcp_server=False)

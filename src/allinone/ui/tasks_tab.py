@@ -281,21 +281,16 @@ class TaskHandlers:
             chunks = ai.run(name, text, stream=True, **params)
         except AllInOneError as exc:
             raise gr.Error(exc.message) from None
-        reply, last = "", None
+        received: list = []
         try:
             for chunk in chunks:
-                reply += chunk.text
-                last = chunk
-                yield self._outputs(markdown=reply, notes="…")
+                received.append(chunk)
+                yield self._outputs(markdown="".join(c.text for c in received), notes="…")
         except AllInOneError as exc:
             raise gr.Error(exc.message) from None
         finally:
             chunks.close()  # cancels generation when the page goes away mid-reply
-        if last is None or last.finish_reason is None:  # pragma: no cover - a stream always ends with one
-            return
-        result = ChatResult(text=reply, finish_reason=last.finish_reason, usage=last.usage or Usage(0, 0),
-                            truncated=last.truncated)
-        yield self.show(result, text, None, time.perf_counter() - start)
+        yield self.show(ChatResult.from_chunks(received), text, None, time.perf_counter() - start)
 
     def show(self, result: Any, text: str, spec: Any, seconds: float) -> tuple:
         """The output updates for a finished result (see :attr:`OUTPUTS`)."""

@@ -29,7 +29,7 @@ async def health(request: Request) -> JSONResponse:
     ai = server.ai
     return JSONResponse({
         "status": "ok", "model": ai.model_id, "backend": ai.backend_name,
-        "queue_depth": ai.engine.queue_depth, "in_flight": server.admission.active,
+        "queue_depth": ai.stats().queue_depth, "in_flight": server.admission.active,
         "uptime_seconds": int(time.time()) - server.started,
     })
 

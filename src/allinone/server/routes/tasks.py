@@ -48,8 +48,9 @@ async def analyze(body: ChatTaskRequest, request: Request) -> dict[str, Any]:
     ai = server.require_ai()
     async with admitted(server):
         history = await _history(server, body.session_id)
-        result: ClassifyResult = await blocking(ai.sentiment, body.text)
-        reply = await _reply(server, request, history, body)
+        result, chunks = await blocking(lambda: ai.analyze_stream(body.text, history, system=body.system,
+                                                                  **body.sampling()))
+        reply = await _collect_reply(server, request, chunks)
     await _store(server, body, reply, sentiment=result.to_dict())
     return {"object": "analysis", "model": ai.model_id, "session_id": body.session_id,
             "sentiment": result.to_dict(), "reply": reply.to_dict()}
@@ -125,8 +126,12 @@ async def _reply(server: ServerState, request: Request, history: list[dict[str, 
                  body: ChatTaskRequest) -> ChatResult:
     ai = server.require_ai()
     messages = [*history, {"role": "user", "content": body.text}]
-    stream = ChunkStream(ai.chat(messages, stream=True, system=body.system, **body.sampling()))
-    reply = await collect(request, stream)
+    chunks = await blocking(lambda: ai.chat(messages, stream=True, system=body.system, **body.sampling()))
+    return await _collect_reply(server, request, chunks)
+
+
+async def _collect_reply(server: ServerState, request: Request, chunks) -> ChatResult:
+    reply = await collect(request, ChunkStream(chunks))
     server.metrics.count_tokens(request.url.path, reply.usage.prompt_tokens, reply.usage.completion_tokens)
     return reply
 

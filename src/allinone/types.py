@@ -1,0 +1,153 @@
+"""Plain types shared by every layer (engine, backends, tasks, surfaces); they import nothing of
+allinone but :mod:`allinone.errors`, so any module may use them without an import cycle."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, Literal
+
+from .errors import InvalidInputError
+
+#: why a reply ended: an end token or a stop string ("stop"), or ``max_tokens`` / a full
+#: context window ("length")
+FinishReason = Literal["stop", "length"]
+#: a chat message: ``{"role": "system" | "user" | "assistant", "content": str}``
+Message = Mapping[str, Any]
+ROLES = ("system", "user", "assistant")
+
+#: the largest accepted sampling seed (numpy's generators take seeds in [0, 2**64))
+MAX_SEED = 2**64 - 1
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Decoding parameters, validated on construction.
+
+    Args:
+        temperature: softmax temperature; 0 means greedy (argmax) decoding.
+        top_p: nucleus sampling mass in (0, 1] (Holtzman et al. 2020).
+        top_k: keep only the k most likely tokens; 0 disables.
+        max_tokens: at most this many new tokens (>= 1).
+        seed: makes sampling reproducible for the same prompt and backend; 0 .. 2**64-1.
+        stop: strings that end the reply; the stop string itself is not returned.
+        repetition_penalty: CTRL-style penalty (Keskar et al. 2019) on tokens already present;
+            1.0 disables.
+
+    Raises:
+        InvalidInputError: a value is out of range or of the wrong type.
+    """
+
+    temperature: float = 0.7
+    top_p: float = 0.8
+    top_k: int = 20
+    max_tokens: int = 512
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    repetition_penalty: float = 1.05
+
+    def __post_init__(self) -> None:
+        def bad(param: str, why: str) -> InvalidInputError:
+            return InvalidInputError(f"{param} {why}", param=param)
+
+        def number(value: object) -> bool:
+            return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+        if not number(self.temperature) or not 0.0 <= self.temperature <= 2.0:
+            raise bad("temperature", f"must be a number between 0 and 2, got {self.temperature!r}")
+        if not number(self.top_p) or not 0.0 < self.top_p <= 1.0:
+            raise bad("top_p", f"must be a number in (0, 1], got {self.top_p!r}")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+            raise bad("top_k", f"must be an integer >= 0, got {self.top_k!r}")
+        if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+            raise bad("max_tokens", f"must be an integer >= 1, got {self.max_tokens!r}")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)
+                                      or not 0 <= self.seed <= MAX_SEED):
+            raise bad("seed", f"must be an integer from 0 to 2**64-1, got {self.seed!r}")
+        if not number(self.repetition_penalty) or not 0.5 <= self.repetition_penalty <= 2.0:
+            raise bad("repetition_penalty", f"must be a number between 0.5 and 2, got {self.repetition_penalty!r}")
+        if isinstance(self.stop, str):
+            object.__setattr__(self, "stop", (self.stop,))
+        elif isinstance(self.stop, list):
+            object.__setattr__(self, "stop", tuple(self.stop))
+        if (not isinstance(self.stop, tuple) or len(self.stop) > 4
+                or any(not isinstance(s, str) or not s for s in self.stop)):
+            raise bad("stop", "must be up to 4 non-empty strings")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    def updated(self, **changes: object) -> "SamplingParams":
+        """A copy with ``changes`` applied (``None`` values are ignored) and validated."""
+        return replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+    @classmethod
+    def from_options(cls, options: Mapping[str, Any], *, base: "SamplingParams | None" = None) -> "SamplingParams":
+        """Parameters from keyword options (``None`` values are ignored) over ``base``.
+
+        Raises:
+            InvalidInputError: an unknown option or a bad value.
+        """
+        unknown = set(options) - set(SAMPLING_KEYS)
+        if unknown:
+            raise InvalidInputError(f"unknown sampling option(s): {', '.join(sorted(unknown))}",
+                                    param=sorted(unknown)[0])
+        return (base or cls()).updated(**options)
+
+
+#: the names of the sampling options (the fields of :class:`SamplingParams`)
+SAMPLING_KEYS: tuple[str, ...] = tuple(f.name for f in fields(SamplingParams))
+
+
+@dataclass
+class TextDelta:
+    """A piece of decoded reply text; the last one carries the finish reason and token count."""
+
+    text: str
+    finish_reason: FinishReason | None = None
+    completion_tokens: int = 0
+    token_ids: list[int] = field(default_factory=list)
+
+
+def validate_messages(messages: Sequence[Message]) -> list[dict[str, str]]:
+    """Check and normalize chat messages to ``[{"role", "content"}]``.
+
+    Content may be a string or an OpenAI-style list of ``{"type": "text", "text": ...}`` parts
+    (joined with newlines). Roles: system, user, assistant. Several system messages, system
+    messages in the middle and consecutive same-role messages are allowed (the template decides).
+
+    Raises:
+        InvalidInputError: not a non-empty list of messages with a known role and text content.
+    """
+    if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence) or not messages:
+        raise InvalidInputError("messages must be a non-empty list of {role, content}", param="messages")
+    out: list[dict[str, str]] = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, Mapping):
+            raise InvalidInputError(f"messages[{i}] must be an object", param="messages")
+        role = m.get("role")
+        if role not in ROLES:
+            raise InvalidInputError(
+                f"messages[{i}].role must be one of {', '.join(ROLES)}, got {role!r}", param="messages"
+            )
+        out.append({"role": role, "content": content_text(m.get("content"), f"messages[{i}].content")})
+    return out
+
+
+def content_text(content: Any, where: str = "content") -> str:
+    """A message content as text: a string, or a list of text parts joined by newlines."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        parts = []
+        for part in content:
+            if isinstance(part, Mapping) and part.get("type") == "text" and isinstance(part.get("text"), str):
+                parts.append(part["text"])
+            else:
+                raise InvalidInputError(f"{where}: only text content parts are supported", param="messages")
+        return "\n".join(parts)
+    raise InvalidInputError(f"{where} must be a string or a list of text parts", param="messages")

@@ -1,0 +1,104 @@
+"""Hidden states (the encode job) on both backends over the same tiny random model: equal to
+the reference forward pass of transformers, equal across backends, with or without a cached
+prefix, and with exact character offsets for the text's tokens."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from allinone.engine import TEXT_SLOT, EncodeJob, Engine, Prompt, ScoreJob
+from allinone.engine.prompts import token_offsets
+
+TEXT = "Ann  met 北京的 Bob 😀 at ２００ pm"
+PROMPT = Prompt(messages=({"role": "system", "content": "Read the text."},
+                          {"role": "user", "content": f"<t>{TEXT_SLOT}</t>\nAgain: {TEXT_SLOT}"}), text=TEXT)
+
+
+@pytest.fixture(scope="module")
+def hf_model(tiny_hf_dir):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(tiny_hf_dir, dtype=torch.float32).eval()
+
+
+def reference(model, ids: list[int]) -> list[np.ndarray]:
+    """hidden_states of one full forward pass: [embeddings, after block 1, ..., final normalized]."""
+    with torch.inference_mode():
+        out = model(torch.tensor([ids]), output_hidden_states=True)
+    return [h[0].numpy() for h in out.hidden_states]
+
+
+@pytest.mark.parametrize("layers", [(1,), (2, -1)])
+def test_encode_batch_equals_the_reference_forward_pass(tiny_backend, hf_model, layers):
+    b = tiny_backend
+    ids = b.render_chat([{"role": "user", "content": "hello there, 你好 😀"}])
+    b.kv.clear()
+    (states,) = b.encode_batch([(ids, 3)], layers)
+    ref = reference(hf_model, ids)
+    assert states.shape == (len(layers), len(ids) - 3, b.hidden_size)
+    for k, layer in enumerate(layers):
+        want = ref[b.layer_index(layer)][3:]
+        assert np.allclose(states[k], want, atol=2e-3), (layer, np.abs(states[k] - want).max())
+
+
+def test_a_cached_prefix_gives_the_same_states(tiny_backend):
+    b = tiny_backend
+    ids = b.render_chat([{"role": "system", "content": "A long fixed prefix " * 4},
+                         {"role": "user", "content": "the text"}])
+    b.kv.clear()
+    (cold,) = b.encode_batch([(ids, len(ids) - 4)], (2,))
+    b.score(ids, [[5]])  # leaves the prompt's prefix cached
+    before = b.kv.cached_tokens
+    (warm,) = b.encode_batch([(ids, len(ids) - 4)], (2,))
+    assert b.kv.cached_tokens > before  # the prefix came from the cache
+    assert np.allclose(cold, warm, atol=1e-4)
+
+
+def test_score_job_states_equal_encode_job_last_token(tiny_backend):
+    engine = Engine(tiny_backend)  # not closed: the backend is session-wide
+    scored = engine.run(ScoreJob(PROMPT, ("yes", "no"), layers=(2,)))
+    encoded = engine.run(EncodeJob(PROMPT, layers=(2,), pooling="last"))
+    assert scored.hidden.shape == (1, tiny_backend.hidden_size)
+    assert np.allclose(scored.hidden, encoded.states, atol=1e-4)
+
+
+def test_token_pooling_reads_the_last_copy_with_exact_offsets(tiny_backend, hf_model):
+    engine = Engine(tiny_backend)
+    out = engine.run(EncodeJob(PROMPT, layers=(1, -1), pooling="tokens"))
+    n = len(out.token_ids)
+    assert out.states.shape == (2, n, tiny_backend.hidden_size) and n == len(tiny_backend.tokenize(TEXT))
+    # every character is covered, in order, and the pieces spell the text
+    assert out.offsets[0][0] == 0 and out.offsets[-1][1] == len(TEXT)
+    assert all(a[0] <= b[0] and a[1] <= b[1] for a, b in zip(out.offsets, out.offsets[1:]))
+    assert b"".join(tiny_backend.token_bytes(out.token_ids)).decode("utf-8") == TEXT
+    # the states are those of the second copy: they saw the whole text once already
+    ids = tiny_backend.render_chat([{"role": "system", "content": "Read the text."},
+                                    {"role": "user", "content": f"<t>{TEXT}</t>\nAgain: {TEXT}"}])
+    ref = reference(hf_model, ids)[1]
+    text_ids = list(out.token_ids)
+    start = max(i for i in range(len(ids)) if ids[i:i + n] == text_ids)
+    assert np.allclose(out.states[0], ref[start:start + n], atol=2e-3)
+    mean = engine.run(EncodeJob(PROMPT, layers=(1,), pooling="mean"))
+    assert np.allclose(mean.states[0], out.states[0].mean(axis=0), atol=1e-5)
+
+
+def test_offsets_of_hard_text(tiny_backend):
+    for text in ["北京欢迎你", "emoji 😀👍🏽 here", "  two  spaces ", "２００８年"]:
+        ids = tiny_backend.tokenize(text)
+        offsets = token_offsets(tiny_backend, text, ids)
+        assert len(offsets) == len(ids)
+        covered = sorted({i for a, b in offsets for i in range(a, b)})
+        assert covered == list(range(len(text)))
+        raw = b"".join(tiny_backend.token_bytes(ids))
+        assert raw == text.encode("utf-8")
+
+
+def test_both_backends_give_the_same_states(tiny_llamacpp, tiny_transformers):
+    ids = tiny_llamacpp.render_chat([{"role": "user", "content": "same states, 同样的"}])
+    out = []
+    for b in (tiny_llamacpp, tiny_transformers):
+        b.kv.clear()
+        out.append(b.encode_batch([(ids, 0)], (1, 2, -1))[0])
+    assert np.allclose(out[0], out[1], atol=2e-3)
