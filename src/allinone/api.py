@@ -8,19 +8,22 @@ into a typed result.
 
 from __future__ import annotations
 
+import logging
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from .engine import DEFAULT, Engine, EngineStats, GenerationStream, ModelInfo, collect
 from .errors import InvalidInputError
-from .models import resolve_model
+from .learn.artifacts import Artifact, ArtifactStore, save
+from .models import ModelSource, default_cache_dir, resolve_model
 from .results import AnalyzeResult, ChatChunk, ChatResult, ClassifyResult, TaskResult
 from .settings import Settings
 from .tasks import ChatRequest, Limits, Request, TaskKind, TaskRegistry, TaskSpec, kind_of, reply_chunks
-from .types import SamplingParams
+from .types import SamplingParams, check_text
 
+log = logging.getLogger(__name__)
 #: the task ``analyze`` labels a message with when no tasks are named
 ANALYZE_SENTIMENT = "sentiment"
 
@@ -34,10 +37,15 @@ class AllInOne:
     default: the ``request_timeout`` setting).
     """
 
-    def __init__(self, engine: Engine, settings: Settings, *, load_seconds: float = 0.0) -> None:
+    def __init__(self, engine: Engine, settings: Settings, *, load_seconds: float = 0.0,
+                 source: ModelSource | None = None) -> None:
         self._engine = engine
         self.settings = settings
         self.load_seconds = load_seconds
+        self._source = source
+        self._sha256 = engine.info.sha256
+        self.artifacts = ArtifactStore(settings.cache_dir or default_cache_dir(), settings.tasks_dir)
+        self._artifacts: dict[str, tuple[int, Artifact | None, str | None]] = {}
         #: every task this instance serves: the built-ins, ``settings.tasks_dir``, and
         #: whatever :meth:`register_task` adds
         self.tasks = TaskRegistry(tasks_dir=settings.tasks_dir)
@@ -69,7 +77,7 @@ class AllInOne:
             dtype=settings.dtype, cache_dir=settings.cache_dir, kv_cache_mb=settings.kv_cache_mb,
             max_queue=settings.max_queue, timeout=settings.request_timeout, max_batch=settings.max_batch,
             max_active=settings.max_active)
-        return cls(engine, settings, load_seconds=time.perf_counter() - start)
+        return cls(engine, settings, load_seconds=time.perf_counter() - start, source=source)
 
     # -- info ---------------------------------------------------------------------------
     @property
@@ -84,6 +92,14 @@ class AllInOne:
     @property
     def backend_name(self) -> str:
         return self._engine.info.backend
+
+    @property
+    def model_sha256(self) -> str | None:
+        """The loaded model's SHA-256 (read once from the file when not known already); learned
+        artifacts are tied to it. ``None`` for a model built in memory (tests)."""
+        if self._sha256 is None and self._source is not None:
+            self._sha256 = self._source.fingerprint()
+        return self._sha256
 
     def stats(self) -> EngineStats:
         """Queue depth, active replies, KV cache use, prefix hit ratio and batch sizes now."""
@@ -199,16 +215,94 @@ class AllInOne:
         """
         self._check_text(text)
         request = self._chat_request([*(history or []), {"role": "user", "content": text}], system, sampling)
-        _, kind, compiled, req = self._prepare(ANALYZE_SENTIMENT, text, {})
-        jobs = kind.jobs(compiled, text, req)
-        handles = self._engine.submit_all([*jobs, request.job()], timeout=timeout)
-        stream: GenerationStream = handles[-1]
+        item = self._prepare(ANALYZE_SENTIMENT, text, {})
+        stream = self._engine.submit(request.job(), timeout=timeout)  # its prompt is computed meanwhile
         try:
-            sentiment = kind.result(compiled, [h.result() for h in handles[:-1]], req)
+            sentiment = self._execute([item], text, timeout)[ANALYZE_SENTIMENT]
         except BaseException:
             stream.close()
             raise
         return sentiment, reply_chunks(stream)
+
+    def fit(self, task: str, data: str | Path | Sequence[str | Path], *, method: str = "auto", limit: int | None = None,
+            augment: bool = True, progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+        """Learn ``task`` from labelled rows and save what was learned for this model.
+
+        The rows (JSONL: ``text`` + ``label``, the format of the evaluation files) are checked
+        first; then each is run once through the task's prompt, every method of
+        :mod:`allinone.learn.fit` is scored by 5-fold cross-validation on the rows, the best
+        (or ``method``) is fit on all of them and saved as an artifact (next to a task from the
+        tasks folder, else in the cache). From then on every surface serves the task with it;
+        ``describe_task`` shows it.
+
+        Args:
+            task: a classify task.
+            data: the JSONL file, or several (their rows together).
+            method: ``auto`` (the best by cross-validation), or one of ``calibrate``, ``head``,
+                ``head+logprobs`` (``prompt`` is always scored, for comparison).
+            limit: only the first ``limit`` rows of each file.
+            augment: also train on copies of 30% of the rows with an instruction appended
+                (robustness to instructions inside the text).
+            progress: called with (rows done, rows in all) as the rows are computed.
+
+        Returns:
+            The report: task, chosen method, path (``None`` when prompting won), rows, the
+            cross-validation figures of every method, seconds, rows/s.
+
+        Raises:
+            TrainingDataError: bad rows (naming the file and line); nothing is written.
+            InvalidInputError: a task kind that cannot be fit, an unknown method.
+            ArtifactError: the artifact cannot be written (the previous one stays).
+        """
+        from .learn.data import load_labelled
+        from .learn.fit import LEARNED, METHODS
+        from .tasks.kinds.classify import ClassifyKind, fit_classify
+
+        spec = self.tasks.get(task)
+        kind = kind_of(spec)
+        if not isinstance(kind, ClassifyKind):
+            raise InvalidInputError(f"task {task!r} is a {kind.name} task; only classify tasks can be fit", param="task")
+        if method != "auto" and method not in LEARNED:
+            raise InvalidInputError(f"method must be auto or one of {', '.join(LEARNED)}", param="method")
+        sha = self.model_sha256
+        if sha is None:
+            raise InvalidInputError("this model has no SHA-256 to tie an artifact to", param="model")
+        start = time.perf_counter()
+        declared = [lab.name for lab in spec.labels] or None
+        rows = load_labelled(data, declared, limit=limit)
+        labels = declared or sorted(set(rows.labels))
+
+        def compile_for(req: Request) -> Any:
+            return self._compile_prompt_only(spec, kind, req)
+
+        def run(jobs: list) -> list:
+            return [h.result() for h in self._engine.submit_all(jobs, timeout=None)]
+
+        choice, features = fit_classify(kind, spec, rows, labels, compile_for=compile_for, run=run,
+                                        limits=self._limits, n_layer=self.info.n_layer,
+                                        methods=METHODS if method == "auto" else ("prompt", method),
+                                        augment=augment, progress=progress or (lambda done, total: None))
+        seconds = time.perf_counter() - start
+        report: dict[str, Any] = {"task": task, "method": choice.method, "path": None, "model_sha256": sha,
+                                  "data": rows.describe(), "cv": choice.report, "seconds": round(seconds, 1),
+                                  "rows_per_second": round(choice.report["rows"] / max(seconds, 1e-9), 2)}
+        if choice.head is None:
+            return report  # prompting won: nothing to keep
+        meta = {"task": task, "kind": kind.name, "method": choice.method, "features": features, "labels": labels,
+                "model_sha256": sha, "model": self.model_id, "data": rows.describe(), "cv": choice.report,
+                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        declared_in = Path(spec.source) if spec.source and not spec.source.startswith("<") else None
+        path = save(Artifact(meta, choice.head.tensors()), self.artifacts.target(task, sha, declared_in=declared_in))
+        self._forget(task)
+        report["path"] = str(path)
+        return report
+
+    def _compile_prompt_only(self, spec: TaskSpec, kind: TaskKind, req: Request) -> Any:
+        key = (spec.name, id(spec), req.compile_key, "fit")
+        hit = self._compiled.get(key)
+        if hit is None:
+            hit = self._compiled[key] = (spec, kind.compile(spec, req, "single"))
+        return hit[1]
 
     def chat(self, messages: str | Sequence[dict[str, Any]], *, stream: bool = False,
              system: str | None = None, timeout: float | None = DEFAULT,
@@ -242,35 +336,76 @@ class AllInOne:
         return task, kind, self._compile(spec, kind, req, layout), req
 
     def _compile(self, spec: TaskSpec, kind: TaskKind, req: Request, layout: str) -> Any:
-        """The compiled task, cached by declaration, language, label/type set and layout."""
+        """The compiled task (with what it learned for this model, if anything applies), cached
+        by declaration, language, label/type set and layout."""
         key = (spec.name, id(spec), req.compile_key, layout)
         hit = self._compiled.get(key)
         if hit is None or hit[0] is not spec:
             if len(self._compiled) >= 128:
                 self._compiled.pop(next(iter(self._compiled)))
-            hit = self._compiled[key] = (spec, kind.compile(spec, req, layout))
+            hit = self._compiled[key] = (spec, kind.compile(spec, req, layout, self._artifact(spec)[0]))
         return hit[1]
+
+    def _artifact(self, spec: TaskSpec) -> tuple[Artifact | None, str | None]:
+        """What ``spec`` learned for this model, and why nothing is used when nothing is."""
+        hit = self._artifacts.get(spec.name)
+        if hit is not None and hit[0] == id(spec):
+            return hit[1], hit[2]
+        artifact, note = self.artifacts.lookup(spec.name, self.model_sha256)
+        if note and artifact is None and self.model_sha256 is not None:
+            log.warning("task %s: %s", spec.name, note)
+        self._artifacts[spec.name] = (id(spec), artifact, note)
+        return artifact, note
+
+    def describe_task(self, name: str) -> dict[str, Any]:
+        """:meth:`TaskRegistry.describe` plus how this model serves it: ``method`` (``prompt``,
+        or what was learned) and ``learned`` (the artifact: method, data it was fit on, its
+        cross-validation figures; ``None`` when prompting) and a ``note`` on a fallback."""
+        spec = self.tasks.get(name)
+        artifact, note = self._artifact(spec)
+        out = {**self.tasks.describe(name), "method": artifact.method if artifact else "prompt",
+               "learned": artifact.summary() if artifact else None}
+        if note:
+            out["note"] = note
+        return out
+
+    def list_tasks(self) -> list[dict[str, Any]]:
+        """:meth:`describe_task` of every task, sorted by name."""
+        return [self.describe_task(name) for name in self.tasks.names()]
+
+    def _forget(self, name: str) -> None:
+        self._artifacts.pop(name, None)
+        for key in [k for k in self._compiled if k[0] == name]:
+            del self._compiled[key]
 
     def _execute(self, items: Sequence[tuple[str, TaskKind, Any, Request]], text: str,
                  timeout: float | None) -> dict[str, Any]:
-        """Submit every job of ``items`` at once, then gather each task's result."""
-        per_item = [kind.jobs(compiled, text, req) for _, kind, compiled, req in items]
-        handles = self._engine.submit_all([job for jobs in per_item for job in jobs], timeout=timeout)
+        """Run every task's plan (:meth:`TaskKind.plan`) in rounds: each round submits the jobs of
+        all tasks at once, so they share the engine's batches."""
+        plans = {name: kind.plan(compiled, text, req) for name, kind, compiled, req in items}
+        waiting = {name: next(plan) for name, plan in plans.items()}
         results: dict[str, Any] = {}
-        k = 0
-        try:
-            for (name, kind, compiled, req), jobs in zip(items, per_item):
-                mine = handles[k: k + len(jobs)]
-                k += len(jobs)
-                outputs = [collect(h) if isinstance(h, GenerationStream) else h.result() for h in mine]
-                results[name] = kind.result(compiled, outputs, req)
-        finally:
-            for h in handles:  # a failed task cancels the replies of the others
-                if isinstance(h, GenerationStream):
-                    h.close()
-                else:
-                    h.cancel()
-        return results
+        while waiting:
+            names = list(waiting)
+            handles = self._engine.submit_all([job for name in names for job in waiting[name]], timeout=timeout)
+            k = 0
+            try:
+                for name in names:
+                    mine = handles[k: k + len(waiting[name])]
+                    k += len(mine)
+                    outputs = [collect(h) if isinstance(h, GenerationStream) else h.result() for h in mine]
+                    try:
+                        waiting[name] = plans[name].send(outputs)
+                    except StopIteration as done:
+                        results[name] = done.value
+                        del waiting[name]
+            finally:
+                for h in handles:  # a failed task cancels the work of the others
+                    if isinstance(h, GenerationStream):
+                        h.close()
+                    else:
+                        h.cancel()
+        return {name: results[name] for name, *_ in items}
 
     def _stream(self, kind: TaskKind, compiled: Any, text: str, req: Request,
                 timeout: float | None) -> Iterator[ChatChunk]:
@@ -299,6 +434,7 @@ class AllInOne:
         if len(text) > self.settings.max_input_chars:
             raise InvalidInputError(
                 f"text is {len(text)} characters; the limit is {self.settings.max_input_chars}", param="text")
+        check_text(text, "text")
 
     # -- lifetime -----------------------------------------------------------------------
     def close(self) -> None:

@@ -295,14 +295,82 @@ def run(
 
 @app.command()
 @_handle_errors
-def tasks(tasks_dir: TasksDirOpt = None, as_json: JsonOpt = False) -> None:
-    """List the tasks: built-ins plus those in the tasks folder (with --json: their input/output schemas)."""
-    registry = _registry({"tasks_dir": tasks_dir} if tasks_dir is not None else {})
-    if as_json:
-        _dump(registry.list())
-        return
+@with_settings()
+def tasks(as_json: JsonOpt = False, options: Optional[dict] = None) -> None:
+    """List the tasks: built-ins plus those in the tasks folder, and how the model serves each
+    (prompt, or what it learned; with --json: also the input/output schemas and the data it was fit on)."""
+    from .learn.artifacts import ArtifactStore
+    from .models import default_cache_dir, resolve_model
+    from .settings import Settings
+
+    settings = Settings(**options)
+    registry = _registry(options)
+    store = ArtifactStore(settings.cache_dir or default_cache_dir(), settings.tasks_dir)
+    sha = resolve_model(settings.model, cache_dir=settings.cache_dir).fingerprint()
+    rows = []
     for spec in registry:
-        print(f"{spec.name}\t{spec.kind}\t{spec.description}")
+        artifact, note = store.lookup(spec.name, sha)
+        row = {**registry.describe(spec.name), "method": artifact.method if artifact else "prompt",
+               "learned": artifact.summary() if artifact else None}
+        if note:
+            row["note"] = note
+        rows.append(row)
+    if as_json:
+        _dump(rows)
+        return
+    for row in rows:
+        learned = row["learned"]
+        how = row["method"]
+        if learned:
+            cv = learned.get("cv", {}).get(learned["method"], {})
+            how += f" (fit on {learned['data']['file']}, {learned['data']['rows']} rows; CV macro-F1 {cv.get('macro_f1')})"
+        print(f"{row['name']}\t{row['kind']}\t{how}\t{row['description']}")
+
+
+@app.command()
+@_handle_errors
+@with_settings()
+def fit(
+    task: Annotated[str, typer.Argument(help="a classify task (see `allinone tasks`)")],
+    data: Annotated[list[Path], typer.Option("--data", "-d", help="JSONL rows with 'text' and 'label' (repeatable)")],
+    method: Annotated[str, typer.Option(help="auto (best by cross-validation), calibrate, head or head+logprobs")] = "auto",
+    limit: Annotated[Optional[int], typer.Option(help="only the first N rows of each file")] = None,
+    augment: Annotated[bool, typer.Option("--augment/--no-augment", help="also train on copies with an instruction appended")] = True,
+    as_json: JsonOpt = False, options: Optional[dict] = None,
+) -> None:
+    """Learn TASK from labelled rows: every method is scored by cross-validation on the rows, the
+    best is saved for this model, and every surface then serves the task with it."""
+    from tqdm import tqdm
+
+    from .learn.data import load_labelled
+
+    spec = _registry(options).get(task)
+    load_labelled(data, [lab.name for lab in spec.labels] or None, limit=limit)  # bad rows fail before the model loads
+    ai = _load(options, request_timeout=None)
+    bar = tqdm(total=None, desc=f"fit {task}", unit="row", file=sys.stderr, disable=None)
+
+    def progress(done: int, total: int) -> None:
+        bar.total = total
+        bar.update(done - bar.n)
+
+    try:
+        report = ai.fit(task, data, method=method, limit=limit, augment=augment, progress=progress)
+    finally:
+        bar.close()
+    if as_json:
+        _dump(report)
+        return
+    cv = report["cv"]
+    print(f"{task}: {report['data']['rows']} rows, {cv['folds']}-fold cross-validation ({report['seconds']} s, "
+          f"{report['rows_per_second']} rows/s)")
+    for name in ("prompt", "calibrate", "head", "head+logprobs"):
+        if name in cv:
+            r = cv[name]
+            extra = f"  layer {r['layer']}" if "layer" in r else ""
+            flip = f"  flip rate {r['flip_rate']}" if "flip_rate" in r else ""
+            mark = "  <- chosen" if name == report["method"] else ""
+            print(f"  {name:14} accuracy {r['accuracy']:.4f}  macro-F1 {r['macro_f1']:.4f}{flip}{extra}{mark}")
+    print(f"saved {report['path']}" if report["path"] else "prompting won: nothing saved")
 
 
 @app.command("eval")

@@ -82,6 +82,22 @@ class OverloadedError(AllInOneError):
         self.retry_after = retry_after
 
 
+class TrainingDataError(AllInOneError):
+    """Rows a task cannot learn from: not JSONL, a missing or unknown label, too few rows of a
+    label, spans that do not match their text. The message names the file and the line."""
+
+    status_code = 400
+    code = "invalid_training_data"
+    error_type = "invalid_request_error"
+
+
+class ArtifactError(AllInOneError):
+    """A learned-task artifact cannot be read or written, or was fit for another model or task."""
+
+    status_code = 500
+    code = "artifact_error"
+
+
 class KVCacheFullError(OverloadedError):
     """Every KV entry is in use and the budget is spent: too many sequences at once."""
 

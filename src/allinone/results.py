@@ -20,13 +20,25 @@ class ClassifyResult(_Result):
     """A label picked by scoring every label's continuation (never generated freely).
 
     ``scores`` maps each label to its probability (they sum to 1 over the label set);
-    ``truncated`` says the input was cut to the token budget before scoring.
+    ``truncated`` says the input was cut to the token budget before scoring. ``coverage`` is
+    the probability the model gives to answering with any of the labels at all (their
+    verbalizers' summed probability among every possible continuation, before normalizing
+    over the labels); when it is below :data:`LOW_COVERAGE`, the labels do not fit what the
+    model would say about the text (e.g. labels that have nothing to do with it), and
+    ``warning`` says so.
     """
 
     label: str
     scores: dict[str, float]
     truncated: bool = False
+    coverage: float | None = None
+    warning: str | None = None
 
+
+#: below this label coverage a classify result carries a warning (chosen on the training pools:
+#: the built-in tasks' labels hold 0.9 and more of the probability on nearly every pool row;
+#: labels unrelated to the text hold under 0.01, see docs/evaluation.md)
+LOW_COVERAGE = 0.1
 
 # Sentiment is a classification over {"positive", "negative"}.
 SentimentResult = ClassifyResult

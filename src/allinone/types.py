@@ -74,6 +74,8 @@ class SamplingParams:
         if (not isinstance(self.stop, tuple) or len(self.stop) > 4
                 or any(not isinstance(s, str) or not s for s in self.stop)):
             raise bad("stop", "must be up to 4 non-empty strings")
+        for s in self.stop:
+            check_text(s, "stop")
 
     @property
     def greedy(self) -> bool:
@@ -136,17 +138,39 @@ def validate_messages(messages: Sequence[Message]) -> list[dict[str, str]]:
     return out
 
 
+def check_text(value: str, param: str, where: str | None = None) -> str:
+    """``value`` if it can be written as UTF-8, the only text a tokenizer reads.
+
+    A Python string (or a JSON string with ``\\ud800`` escapes) can hold a lone surrogate,
+    half of a UTF-16 pair, which is not a character and has no UTF-8 form.
+
+    Raises:
+        InvalidInputError: naming the position of the first lone surrogate.
+    """
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        bad = ord(value[exc.start])
+        raise InvalidInputError(f"{where or param} holds a lone surrogate (U+{bad:04X}) at position {exc.start}, "
+                                "which is not a character; send valid Unicode text", param=param) from None
+    return value
+
+
 def content_text(content: Any, where: str = "content") -> str:
-    """A message content as text: a string, or a list of text parts joined by newlines."""
+    """A message content as text: a string, or a list of text parts joined by newlines.
+
+    Raises:
+        InvalidInputError: anything else, or text that is not valid Unicode.
+    """
     if content is None:
         return ""
     if isinstance(content, str):
-        return content
+        return check_text(content, "messages", where)
     if isinstance(content, list):
         parts = []
         for part in content:
             if isinstance(part, Mapping) and part.get("type") == "text" and isinstance(part.get("text"), str):
-                parts.append(part["text"])
+                parts.append(check_text(part["text"], "messages", where))
             else:
                 raise InvalidInputError(f"{where}: only text content parts are supported", param="messages")
         return "\n".join(parts)

@@ -23,7 +23,17 @@ def test_sentiment_picks_the_best_scored_label_and_sums_verbalizers():
     assert result.label == "positive"
     assert result.scores["positive"] == pytest.approx(p_pos / (p_pos + p_neg))
     assert sum(result.scores.values()) == pytest.approx(1.0)
-    assert result.to_dict() == {"label": "positive", "scores": result.scores, "truncated": False}
+    assert result.to_dict() == {"label": "positive", "scores": result.scores, "truncated": False,
+                                "coverage": 1.0,  # the fake's log-probs are not a distribution: capped
+                                "warning": None}
+
+
+def test_labels_the_model_would_not_say_carry_a_warning():
+    backend = FakeBackend(label_logps={"positive": -9.0, "negative": -8.5})
+    result = make(backend).sentiment("The soup was cold.")
+    assert result.coverage == pytest.approx(math.exp(-9) + math.exp(-8.5) + 2 * math.exp(-10), rel=1e-3)  # 4 verbalizers
+    assert result.warning and "may not fit" in result.warning
+    assert make(FakeBackend(label_logps={"negative": -0.1})).sentiment("cold soup").warning is None
 
 
 @pytest.mark.parametrize("text", ["", "   ", "\n\t ", None, 42])

@@ -123,9 +123,10 @@ def test_replies_decoded_together_equal_replies_decoded_alone(tiny_backend):
     states = [b.start(p, sampling) for p in prompts]
     got = [[] for _ in prompts]
     try:
-        for _ in range(10):
+        while any(len(g) < 10 for g in got):
             for out, tok in zip(got, b.step(states)):
-                out.append(tok)
+                if tok is not None and len(out) < 10:
+                    out.append(tok)
     finally:
         for s in states:
             b.finish(s)
@@ -142,7 +143,11 @@ def test_sampled_replies_are_reproducible_with_a_seed_when_batched(tiny_backend)
     gen.close()
     b.kv.clear()
     states = [b.start(p, sampling), b.start(b.render_chat([{"role": "user", "content": "other"}]), sampling)]
-    together = [b.step(states)[0] for _ in range(8)]
+    together = []
+    while len(together) < 8:
+        tok = b.step(states)[0]
+        if tok is not None:  # None: the step computed a slice of a prompt
+            together.append(tok)
     for s in states:
         b.finish(s)
     assert together == alone_ids

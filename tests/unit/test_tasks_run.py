@@ -70,7 +70,7 @@ def test_a_user_task_file_is_a_working_python_task(tasks_dir):
     assert isinstance(result, ClassifyResult)
     assert result.scores["urgent"] == pytest.approx(p_urgent / (p_urgent + p_normal))
     assert result.label == "urgent"
-    assert set(result.to_dict()) == {"label", "scores", "truncated"}
+    assert set(result.to_dict()) == {"label", "scores", "truncated", "coverage", "warning"}
 
 
 def test_register_task_from_a_mapping():

@@ -64,6 +64,8 @@ class Backend(abc.ABC):
     kv: KVPool
     #: vocabulary size (columns of the logits)
     n_vocab: int
+    #: most prompt tokens of one reply computed per step (see :meth:`step`)
+    prefill_chunk: int = 256
 
     # -- tokens -------------------------------------------------------------------------
     @abc.abstractmethod
@@ -269,7 +271,7 @@ class Backend(abc.ABC):
                 keep.append(n < self.kv.min_shared)
             firsts, hidden = self.forward_hidden(held, [list(p)[len(e.tokens):] for e, (p, _) in zip(held, requests)],
                                                  layers)
-            states = [h[:, -1] for h in hidden] if hidden is not None else None
+            states = [h[:, -1].copy() for h in hidden] if hidden is not None else None
             scores = []
             for row, (_, conts) in zip(firsts, requests):
                 logp = log_softmax(row)
@@ -357,25 +359,48 @@ class Backend(abc.ABC):
         return GenState(entry=entry, pending=prompt[n:], history=prompt, sampling=sampling,
                         rng=np.random.default_rng(sampling.seed), matcher=matcher)
 
-    def step(self, states: Sequence[GenState]) -> list[int]:
-        """Compute one token for each state in one forward pass (continuous batching): the
-        prompt's uncached part on a state's first step, then its last sampled token.
+    def step(self, states: Sequence[GenState]) -> list[int | None]:
+        """Advance each state by one step (continuous batching).
+
+        The first state whose prompt is not computed yet gets its next slice of at most
+        :attr:`prefill_chunk` tokens (one slice per step: chunked prefill, as llama.cpp's server
+        and vLLM do), so a long prompt is computed between other work: a short request waits
+        for a slice, not for the whole prompt, and a cancelled one stops after the slice it is
+        in. A prompt's slices
+        start at fixed offsets and each is computed alone, so the same prompt is computed the
+        same way whatever else runs. A state whose prompt is done samples one token: the
+        prompt's last token is computed on its own, as every reply token is (llama.cpp rounds
+        differently for one token than inside a batch, and otherwise the first reply token
+        would depend on how much of the prompt happened to be cached). Greedy replies are
+        decoded one sequence per forward pass, so that their tokens do not depend on how many
+        other replies run (batch-invariant greedy decoding); sampled replies are decoded
+        together.
 
         Returns:
-            the sampled token id per state, in order (end tokens included: stopping is the
-            caller's business, see :class:`TextStreamer`).
+            per state, in order: the sampled token id (end tokens included: stopping is the
+            caller's business, see :class:`TextStreamer`), or ``None`` while its prompt is being
+            computed.
         """
-        fresh = [s for s in states if len(s.pending) > 1]
-        if fresh:
-            # The prompt's last token is computed on its own, as every reply token is: llama.cpp
-            # rounds differently for one token than inside a batch, and otherwise the first reply
-            # token (greedy too) would depend on how much of the prompt happened to be cached.
-            self.forward_hidden([s.entry for s in fresh], [s.pending[:-1] for s in fresh], (), logits=False)
-            for s in fresh:
-                s.pending = s.pending[-1:]
-        rows = self.forward([s.entry for s in states], [s.pending for s in states])
-        out = []
-        for state, logits in zip(states, rows):
+        fresh = next((s for s in states if len(s.pending) > 1), None)  # one slice per step, oldest first
+        if fresh is not None:
+            take = min(self.prefill_chunk, len(fresh.pending) - 1)
+            self.forward_hidden([fresh.entry], [fresh.pending[:take]], (), logits=False)
+            fresh.pending = fresh.pending[take:]
+        ready = [s for s in states if len(s.pending) == 1]
+        greedy = [s for s in ready if s.sampling.greedy]
+        sampled = [s for s in ready if not s.sampling.greedy]
+        rows: dict[int, np.ndarray] = {}
+        for s in greedy:
+            rows[id(s)] = self.forward([s.entry], [s.pending])[0]
+        if sampled:
+            for s, logits in zip(sampled, self.forward([s.entry for s in sampled], [s.pending for s in sampled])):
+                rows[id(s)] = logits
+        out: list[int | None] = []
+        for state in states:
+            logits = rows.get(id(state))
+            if logits is None:
+                out.append(None)
+                continue
             allowed = constrained.allowed_tokens(state.matcher, logits.shape[-1]) if state.matcher else None
             tok = sample(logits, state.sampling, state.history, state.rng, allowed)
             if state.matcher is not None and tok not in self.eos_token_ids and not state.matcher.consume_token(tok):
@@ -402,7 +427,9 @@ class Backend(abc.ABC):
         state = self.start(prompt_ids, sampling, json_schema=json_schema)
         try:
             while not state.exhausted:
-                yield self.step([state])[0]
+                tok = self.step([state])[0]
+                if tok is not None:
+                    yield tok
         finally:
             self.finish(state)
 

@@ -384,7 +384,7 @@ class Engine:
         for group in self._in_budget(self._prepared(batch, prepare), lambda r: len(r[1][0].ids)):
             try:
                 scores, states = self._backend.score_batch_hidden(
-                    [(fitted.ids, conts) for _, (fitted, conts) in group], layers, relative=True)
+                    [(fitted.ids, conts) for _, (fitted, conts) in group], layers)
             except Exception as exc:
                 for task, _ in group:
                     self._fail(task, exc)
@@ -419,7 +419,7 @@ class Engine:
 
     def _encode_output(self, job: EncodeJob, fitted: Fitted, states: np.ndarray) -> EncodeOutput:
         if job.pooling == "last":
-            return EncodeOutput(states[:, -1], fitted.info)
+            return EncodeOutput(states[:, -1].copy(), fitted.info)  # a copy: not a view keeping every token
         if job.pooling == "mean":
             return EncodeOutput(states.mean(axis=1), fitted.info)
         offsets = token_offsets(self._backend, fitted.info.text or "", fitted.text_ids)
@@ -458,6 +458,8 @@ class Engine:
                 self._retire(a, active, done=False)
             return
         for a, tok in zip(list(active), tokens):
+            if tok is None:  # its prompt is still being computed
+                continue
             for delta in a.streamer.push(tok):
                 a.task.out.put(("ok", delta))
             if not a.streamer.done and a.state.exhausted:

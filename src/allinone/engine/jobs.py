@@ -106,10 +106,9 @@ class ScoreJob:
 
 @dataclass(frozen=True)
 class ScoreOutput:
-    """Log-probabilities (natural log, summed over tokens) of each continuation, relative: one
-    constant per job may be added to all of them (the normalizer over the whole vocabulary is
-    not always computed), so compare them only with each other. ``hidden``: (len(layers),
-    hidden size) float32 when the job asked for layers."""
+    """Log-probabilities (natural log, summed over tokens) of each continuation after the
+    prompt, normalized over the whole vocabulary (so their probabilities sum to at most 1).
+    ``hidden``: (len(layers), hidden size) float32 when the job asked for layers."""
 
     logprobs: tuple[float, ...]
     info: PromptInfo

@@ -36,9 +36,11 @@ class ChatRequest:
         """
         if isinstance(messages, str):
             messages = [{"role": "user", "content": messages}]
-        msgs = validate_messages(messages)
         if system is not None:
-            msgs = [{"role": "system", "content": system}, *msgs]
+            if not isinstance(system, str):
+                raise InvalidInputError("system must be a string", param="system")
+            messages = [{"role": "system", "content": system}, *messages]
+        msgs = validate_messages(messages)
         users = [m for m in msgs if m["role"] == "user"]
         if not users:
             raise InvalidInputError("messages must contain at least one user message", param="messages")

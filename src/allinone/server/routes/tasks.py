@@ -89,9 +89,10 @@ async def tokenize(body: TextRequest, request: Request) -> dict[str, Any]:
 @router.get("/tasks")
 async def list_tasks(request: Request) -> dict[str, Any]:
     """Every task: ``{"object": "list", "data": [{"name", "kind", "description", "input_schema",
-    "output_schema", ...}]}``."""
+    "output_schema", "method", "learned", ...}]}``: ``method`` is ``prompt`` or what the task
+    learned for this model (``learned`` then says from which data, with its figures)."""
     ai = server_state(request).require_ai()
-    return {"object": "list", "data": ai.tasks.list()}
+    return {"object": "list", "data": ai.list_tasks()}
 
 
 # Declared after the fixed routes above, so sentiment/analyze/chat keep their own handlers.

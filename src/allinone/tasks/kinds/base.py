@@ -11,12 +11,12 @@ back to :meth:`TaskKind.result`.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Generator, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from ...errors import InvalidInputError
-from ...types import Message, SamplingParams
+from ...types import Message, SamplingParams, check_text
 from ..prompting import detect_lang
 
 if TYPE_CHECKING:
@@ -77,6 +77,9 @@ def named_list(value: Any, param: str) -> tuple[tuple[str, str], ...]:
         raise InvalidInputError(f"{param} has duplicates", param=param)
     if len(items) > 200:
         raise InvalidInputError(f"{param}: at most 200 entries", param=param)
+    for name, description in items:
+        check_text(name, param)
+        check_text(description, param)
     return tuple((n.strip(), d) for n, d in items)
 
 
@@ -147,9 +150,19 @@ class TaskKind:
         return Request(lang=resolve_lang(params.get("lang", spec.defaults.lang), text),
                        max_input_tokens=limits.max_input_tokens, history=history)
 
-    def compile(self, spec: "TaskSpec", req: Request, layout: str = "single") -> Any:
-        """The compiled task for this declaration, language and label/type set (cached by the caller)."""
+    def compile(self, spec: "TaskSpec", req: Request, layout: str = "single",
+                artifact: Any = None) -> Any:
+        """The compiled task for this declaration, language and label/type set (cached by the
+        caller), using what the task learned for this model (``artifact``) when it applies."""
         raise NotImplementedError
+
+    def plan(self, compiled: Any, text: str, req: Request) -> Generator[list["Job"], list[Any], Any]:
+        """How to answer ``text``, as rounds of engine jobs: yields the jobs of a round, receives
+        their outputs (in order), and returns the typed result. The default is one round:
+        :meth:`jobs`, then :meth:`result`; a kind that needs the model twice (retrieve, then
+        score) yields twice."""
+        outputs = yield self.jobs(compiled, text, req)
+        return self.result(compiled, outputs, req)
 
     def jobs(self, compiled: Any, text: str, req: Request) -> list["Job"]:
         """The engine jobs that answer ``text``."""

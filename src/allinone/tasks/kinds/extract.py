@@ -164,7 +164,8 @@ class ExtractKind(TaskKind):
         return Request(lang=resolve_lang(params.get("lang", spec.defaults.lang), text), types=types,
                        sampling=sampling, max_input_tokens=limits.max_input_tokens)
 
-    def compile(self, spec: "TaskSpec", req: Request, layout: str = "single") -> ExtractTask:
+    def compile(self, spec: "TaskSpec", req: Request, layout: str = "single",
+                artifact: Any = None) -> ExtractTask:
         lang = req.lang
         schema = spec.output_schema
         spans = None

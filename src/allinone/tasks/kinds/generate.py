@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 from ...engine import GenerateJob, GenerateOutput, GenerationStream
 from ...errors import InvalidInputError
 from ...results import ChatChunk, ChatResult, Usage
+from ...types import check_text
 from ..prompting import TaskPrompt, pick
 from .base import FINISH_SCHEMA, GENERATION_PARAMS, USAGE_SCHEMA, Limits, Request, TaskKind, resolve_lang, sampling_from
 
@@ -34,11 +35,14 @@ class GenerateKind(TaskKind):
         system = params.get("system")
         if system is not None and not isinstance(system, str):
             raise InvalidInputError("system must be a string", param="system")
+        if system is not None:
+            check_text(system, "system")
         sampling = sampling_from(spec, params, limits, keys=self._sampling)
         return Request(lang=resolve_lang(params.get("lang", spec.defaults.lang), text), sampling=sampling,
                        system=system, history=history, max_input_tokens=limits.max_input_tokens)
 
-    def compile(self, spec: "TaskSpec", req: Request, layout: str = "single") -> TaskPrompt:
+    def compile(self, spec: "TaskSpec", req: Request, layout: str = "single",
+                artifact: Any = None) -> TaskPrompt:
         template = pick(spec.template, req.lang, "{text}")
         question = pick(spec.question, req.lang)
         if question:

@@ -1,0 +1,198 @@
+"""Learning a classify task from labelled rows: a separable rule is learned on a tiny model,
+artifacts round-trip and are tied to their model, bad data is refused with the file and line,
+an interrupted fit keeps the previous artifact, and a task fit from the CLI is served over HTTP."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from allinone import AllInOne, Settings
+from allinone.cli import app
+from allinone.errors import ArtifactError, InvalidInputError, TrainingDataError
+from allinone.learn import artifacts
+from allinone.learn.artifacts import Artifact, ArtifactStore
+from allinone.learn.data import MIN_ROWS_PER_LABEL, load_labelled, load_spans
+from allinone.learn.heads import LinearHead, fit_linear
+
+pytest.importorskip("sklearn")
+pytest.importorskip("llama_cpp")
+
+TASK = {"name": "animal", "kind": "classify", "description": "Which animal does the note mention?",
+        "instructions": {"en": "Which animal is named in the text?"}, "question": {"en": "Animal:"},
+        "labels": [{"name": "zebra"}, {"name": "yak"}]}
+FILLER = ["the", "a", "of", "and", "to", "in", "is", "it", "on", "with", "as", "at", "by", "for", "from", "this", "that", "was", "were", "are", "be"]
+
+
+def synthetic(n: int, seed: int) -> list[dict]:
+    """The rule: the text names a zebra or a yak, amid random filler words."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        label = rng.choice(["zebra", "yak"])
+        words = [rng.choice(FILLER) for _ in range(rng.randint(3, 8))]
+        words.insert(rng.randint(0, len(words)), label)
+        rows.append({"text": " ".join(words), "label": label})
+    return rows
+
+
+def write_rows(path, rows) -> str:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return str(path)
+
+
+@pytest.fixture
+def tiny_ai(tiny_gguf_path, tmp_path):
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(tiny_gguf_path.read_bytes())  # its own folder: the SHA-256 sidecar goes there
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    (tasks / "animal.toml").write_text(
+        'name = "animal"\nkind = "classify"\ndescription = "Which animal?"\n'
+        'instructions.en = "Which animal is named in the text?"\nquestion.en = "Animal:"\n'
+        '[[labels]]\nname = "zebra"\n[[labels]]\nname = "yak"\n', encoding="utf-8")
+    with AllInOne.load(str(gguf), backend="llamacpp", n_ctx=1024, cache_dir=tmp_path / "cache",
+                       tasks_dir=tasks) as ai:
+        yield ai, tmp_path
+
+
+def test_fit_learns_a_separable_rule_and_every_call_uses_it(tiny_ai):
+    ai, tmp = tiny_ai
+    data = write_rows(tmp / "train.jsonl", synthetic(160, seed=1))
+    prompted = [ai.run("animal", r["text"]).label == r["label"] for r in synthetic(60, seed=2)]
+    report = ai.fit("animal", data, method="head")
+    assert report["method"] == "head" and report["path"].endswith(".safetensors")
+    assert report["path"].startswith(str(tmp / "tasks"))  # next to the task's declaration
+    assert report["cv"]["head"]["accuracy"] > 0.8 and report["cv"]["prompt"]["accuracy"] < 0.75
+    held_back = synthetic(60, seed=2)
+    learned = [ai.run("animal", r["text"]).label == r["label"] for r in held_back]
+    assert np.mean(learned) > 0.8 > np.mean(prompted)
+    listed = ai.describe_task("animal")
+    assert listed["method"] == "head" and listed["learned"]["data"]["rows"] == 160
+    # analyze serves it the same way
+    assert ai.analyze(held_back[0]["text"], tasks=["animal", "sentiment"]).results["animal"].scores == \
+        pytest.approx(ai.run("animal", held_back[0]["text"]).scores, abs=1e-4)
+
+
+def test_an_artifact_round_trips(tmp_path):
+    head = fit_linear(np.random.default_rng(0).normal(size=(40, 5)), ["a", "b"] * 20, ["a", "b"], c=1.0)
+    art = Artifact({"task": "t", "kind": "classify", "method": "head", "model_sha256": "f" * 64,
+                    "labels": ["a", "b"], "features": {"layer": 3}}, head.tensors())
+    path = artifacts.save(art, tmp_path / "t.safetensors")
+    back = artifacts.load(path)
+    assert back.meta["labels"] == ["a", "b"] and back.meta["features"] == {"layer": 3}
+    again = LinearHead.from_tensors(back.meta["labels"], back.tensors)
+    x = np.random.default_rng(1).normal(size=(7, 5))
+    assert np.allclose(again.probs(x), head.probs(x), atol=1e-6)
+    assert json.loads((tmp_path / "t.json").read_text())["method"] == "head"  # the readable sidecar
+
+
+def test_an_artifact_of_another_model_is_refused_and_the_task_prompts(tiny_ai):
+    ai, tmp = tiny_ai
+    head = fit_linear(np.random.default_rng(0).normal(size=(20, 2)), ["zebra", "yak"] * 10, ["zebra", "yak"])
+    other = "0" * 64
+    art = Artifact({"task": "animal", "kind": "classify", "method": "calibrate", "model_sha256": other,
+                    "labels": ["zebra", "yak"], "features": {"layer": None}}, head.tensors())
+    artifacts.save(art, ArtifactStore(tmp / "cache").target("animal", other))
+    described = ai.describe_task("animal")
+    assert described["method"] == "prompt" and "other model" in described["note"]
+    # the same file put where this model's artifact belongs is refused, naming both models
+    wrong = ai.artifacts.target("animal", ai.model_sha256)
+    artifacts.save(art, wrong)
+    with pytest.raises(ArtifactError, match="was fit for"):
+        ai.artifacts.find("animal", ai.model_sha256)
+    ai._forget("animal")
+    assert ai.describe_task("animal")["method"] == "prompt"
+    assert ai.run("animal", "a zebra").label in {"zebra", "yak"}
+
+
+@pytest.mark.parametrize("lines,message", [
+    (['{"text": "a zebra", "label": "zebra"}', 'not json'], r"train.jsonl:2: not a JSON line"),
+    (['{"text": "a zebra"}'], r"train.jsonl:1: missing 'label'"),
+    (['{"text": "a lion", "label": "lion"}'], r"train.jsonl:1: label 'lion' is not one of the task's labels"),
+    (['{"text": "  ", "label": "yak"}'], r"train.jsonl:1: 'text' must be a non-empty string"),
+    (['{"text": "a zebra", "label": "zebra"}'] * 20 + ['{"text": "a yak", "label": "yak"}'] * 3,
+     rf"at least {MIN_ROWS_PER_LABEL} rows; too few: yak \(3\)"),
+])
+def test_bad_training_data_is_refused_with_file_and_line(tmp_path, lines, message):
+    path = tmp_path / "train.jsonl"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    with pytest.raises(TrainingDataError, match=message):
+        load_labelled(path, ["zebra", "yak"])
+
+
+def test_bad_span_data_is_refused_with_file_and_line(tmp_path):
+    def check(entities, message):
+        path = tmp_path / "spans.jsonl"
+        path.write_text(json.dumps({"text": "Ann met Bob in Rome", "entities": entities}) + "\n", encoding="utf-8")
+        with pytest.raises(TrainingDataError, match=message):
+            load_spans(path, ["PER", "LOC"])
+
+    check([{"text": "Ann", "type": "PER", "start": 1, "end": 4}], r"spans.jsonl:1: entities\[0\]: text\[1:4\] is 'nn '")
+    check([{"text": "Rome", "type": "ORG", "start": 15, "end": 19}], r"type 'ORG' is not one of the task's types")
+    check([{"text": "Ann met", "type": "PER", "start": 0, "end": 7}, {"text": "Ann", "type": "PER", "start": 0, "end": 3}],
+          r"overlap of one type")
+    check([{"text": "Rome", "type": "LOC", "start": 15, "end": 99}], r"outside the text")
+
+
+def test_a_task_that_cannot_be_fit_says_so(tiny_ai):
+    ai, tmp = tiny_ai
+    data = write_rows(tmp / "train.jsonl", synthetic(20, seed=1))
+    with pytest.raises(InvalidInputError, match="only classify tasks can be fit"):
+        ai.fit("chat", data)
+    with pytest.raises(InvalidInputError, match="method must be"):
+        ai.fit("animal", data, method="magic")
+
+
+def test_an_interrupted_fit_keeps_the_previous_artifact(tiny_ai, monkeypatch):
+    ai, tmp = tiny_ai
+    data = write_rows(tmp / "train.jsonl", synthetic(60, seed=3))
+    first = ai.fit("animal", data, method="calibrate", augment=False)
+    before = Path(first["path"]).read_bytes()
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt  # the process is stopped while writing
+
+    monkeypatch.setattr("safetensors.numpy.save_file", crash)
+    with pytest.raises(KeyboardInterrupt):
+        ai.fit("animal", data, method="head", augment=False)
+    assert Path(first["path"]).read_bytes() == before
+    assert not [p for p in (tmp / "tasks").iterdir() if p.name.endswith(".tmp")]  # no half-written file left
+    monkeypatch.undo()
+    ai._forget("animal")
+    assert ai.describe_task("animal")["method"] == "calibrate"
+
+
+def test_a_task_fit_from_the_cli_is_served_over_http_with_what_it_learned(tiny_ai):
+    from fastapi.testclient import TestClient
+
+    from allinone.server import create_app
+
+    ai, tmp = tiny_ai
+    data = write_rows(tmp / "train.jsonl", synthetic(120, seed=4))
+    model = ["--model", str(tmp / "model.gguf"), "--backend", "llamacpp", "--n-ctx", "1024",
+             "--cache-dir", str(tmp / "cache"), "--tasks-dir", str(tmp / "tasks")]
+    out = CliRunner().invoke(app, ["fit", "animal", "--data", data, "--method", "head", "--json", *model])
+    assert out.exit_code == 0, out.output
+    report = json.loads(out.stdout.strip().splitlines()[-1])
+    assert report["method"] == "head" and report["data"]["rows"] == 120
+    listed = CliRunner().invoke(app, ["tasks", *model])
+    assert "animal\tclassify\thead (fit on train.jsonl, 120 rows" in listed.stdout
+    settings = Settings(model=str(tmp / "model.gguf"), backend="llamacpp", n_ctx=1024, cache_dir=tmp / "cache",
+                        tasks_dir=tmp / "tasks", ui=False, db_path=tmp / "s.sqlite3")
+    with TestClient(create_app(settings)) as client:
+        import time
+
+        while client.get("/health").status_code != 200:
+            time.sleep(0.05)
+        task = next(t for t in client.get("/v1/tasks").json()["data"] if t["name"] == "animal")
+        assert task["method"] == "head" and task["learned"]["data"]["file"] == "train.jsonl"
+        text = synthetic(1, seed=9)[0]["text"]
+        served = client.post("/v1/tasks/animal", json={"text": text}).json()
+    ai._forget("animal")
+    assert served["scores"] == pytest.approx(ai.run("animal", text).scores, abs=1e-4)
