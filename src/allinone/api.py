@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from .engine import DEFAULT, Engine, EngineStats, GenerationStream, ModelInfo, collect
-from .errors import InvalidInputError
+from .errors import AllInOneError, InvalidInputError
 from .learn.artifacts import Artifact, ArtifactStore, save
 from .models import ModelSource, default_cache_dir, resolve_model
 from .results import AnalyzeResult, ChatChunk, ChatResult, ClassifyResult, TaskResult
@@ -380,32 +380,72 @@ class AllInOne:
 
     def _execute(self, items: Sequence[tuple[str, TaskKind, Any, Request]], text: str,
                  timeout: float | None) -> dict[str, Any]:
-        """Run every task's plan (:meth:`TaskKind.plan`) in rounds: each round submits the jobs of
-        all tasks at once, so they share the engine's batches."""
+        """Run every task's plan on ``text`` together (see :meth:`_drive`)."""
         plans = {name: kind.plan(compiled, text, req) for name, kind, compiled, req in items}
-        waiting = {name: next(plan) for name, plan in plans.items()}
-        results: dict[str, Any] = {}
+        return self._drive(plans, timeout)
+
+    def _drive(self, plans: Mapping[Any, Any], timeout: float | None, *, isolate: bool = False) -> dict[Any, Any]:
+        """Run plans (:meth:`TaskKind.plan`) in rounds: each round submits the jobs of every
+        plan at once, so they share the engine's batches. With ``isolate``, a plan whose job
+        fails gets its error as its result and the others go on; else the first error cancels
+        the rest and is raised."""
+        results: dict[Any, Any] = {}
+        waiting = {}
+        for key, plan in plans.items():
+            waiting[key] = next(plan)
         while waiting:
-            names = list(waiting)
-            handles = self._engine.submit_all([job for name in names for job in waiting[name]], timeout=timeout)
+            keys = list(waiting)
+            handles = self._engine.submit_all([job for key in keys for job in waiting[key]], timeout=timeout)
             k = 0
             try:
-                for name in names:
-                    mine = handles[k: k + len(waiting[name])]
+                for key in keys:
+                    mine = handles[k: k + len(waiting[key])]
                     k += len(mine)
-                    outputs = [collect(h) if isinstance(h, GenerationStream) else h.result() for h in mine]
                     try:
-                        waiting[name] = plans[name].send(outputs)
+                        outputs = [collect(h) if isinstance(h, GenerationStream) else h.result() for h in mine]
+                        waiting[key] = plans[key].send(outputs)
                     except StopIteration as done:
-                        results[name] = done.value
-                        del waiting[name]
+                        results[key] = done.value
+                        del waiting[key]
+                    except AllInOneError as exc:
+                        if not isolate:
+                            raise
+                        results[key] = exc
+                        del waiting[key]
             finally:
                 for h in handles:  # a failed task cancels the work of the others
                     if isinstance(h, GenerationStream):
                         h.close()
                     else:
                         h.cancel()
-        return {name: results[name] for name, *_ in items}
+        return {key: results[key] for key in plans}
+
+    def run_many(self, task: str, texts: Sequence[str], *, timeout: float | None = DEFAULT,
+                 **params: Any) -> list[TaskResult | AllInOneError]:
+        """Run ``task`` on every text, their jobs submitted together so the engine batches them
+        (the way to label a file: see :mod:`allinone.batch`). A text that fails (empty,
+        over-long, anything the model refuses) gets its error in its place; the others go on.
+
+        Raises:
+            UnknownTaskError / InvalidInputError: an unknown task or bad parameters (for all).
+        """
+        spec = self.tasks.get(task)
+        kind_of(spec).request(spec, "x", params, self._limits)  # bad parameters fail for all texts at once
+        out: list[Any] = [None] * len(texts)
+        plans: dict[int, Any] = {}
+        for i, text in enumerate(texts):
+            try:
+                _, kind, compiled, req = self._prepare(task, text, params)
+                plans[i] = kind.plan(compiled, text, req)
+            except AllInOneError as exc:
+                out[i] = exc
+        group = max(1, min(self.settings.max_batch * 2, self.settings.max_queue // 2))
+        keys = list(plans)
+        for start in range(0, len(keys), group):
+            chunk = {k: plans[k] for k in keys[start:start + group]}
+            for k, result in self._drive(chunk, timeout, isolate=True).items():
+                out[k] = result
+        return out
 
     def _stream(self, kind: TaskKind, compiled: Any, text: str, req: Request,
                 timeout: float | None) -> Iterator[ChatChunk]:

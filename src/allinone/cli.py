@@ -16,6 +16,7 @@ from pydantic import ValidationError
 from rich.console import Console
 
 from .errors import AllInOneError, InvalidInputError
+from .types import SamplingParams
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 err = Console(stderr=True)
@@ -182,6 +183,7 @@ def chat(
 ) -> None:
     """Chat with the model: one answer for MESSAGE, or a REPL with streaming (/reset, /exit)."""
     sampling = {"temperature": temperature, "top_p": top_p, "max_tokens": max_tokens, "seed": seed}
+    SamplingParams.from_options(sampling)  # bad values fail before the model loads
     ai = _load(options)
     if message is not None:
         if as_json:
@@ -385,6 +387,7 @@ def eval_task(
     lang: Annotated[Optional[str], typer.Option(help="prompt language: auto, en, zh ...")] = None,
     calibrate: Annotated[Optional[bool], typer.Option("--calibrate/--no-calibrate", help="classify: contextual calibration")] = None,
     inject: Annotated[Optional[str], typer.Option(help="classify: also measure the flip rate with this text appended")] = None,
+    inject_set: Annotated[bool, typer.Option("--inject-set", help="also run every text with one of 36 injected instructions appended (flip rate; span tasks: entities lost)")] = False,
     param: Annotated[Optional[list[str]], typer.Option("--param", "-p", help="any other task parameter, KEY=VALUE")] = None,
     markdown: Annotated[bool, typer.Option("--markdown", help="print the report as a markdown table")] = False,
     as_json: JsonOpt = False, options: Optional[dict] = None,
@@ -402,7 +405,7 @@ def eval_task(
     params = {k: v for k, v in params.items() if v is not None}
     ai = _load(options, request_timeout=None)  # an evaluation waits for every item, however busy the machine
     report = evaluate(ai, task, data, limit=limit, labels=read_labels(labels), types=_names(types),
-                      params=params, inject=inject, all_rows=rows)
+                      params=params, inject=inject, inject_set=inject_set or None, all_rows=rows)
     if as_json:
         _dump({k: v for k, v in report.items() if not k.startswith("_")})
         return
@@ -420,6 +423,13 @@ def eval_task(
     else:
         print(f"precision {report['precision']:.4f}   recall {report['recall']:.4f}   F1 {report['f1']:.4f}"
               f"   (dropped {report['dropped']} spans not in the text)")
+    if "injection_set" in report:
+        inj = report["injection_set"]
+        if "flip_rate" in inj:
+            print(f"injection set ({inj['phrasings']} phrasings): flip rate {inj['flip_rate']:.4f}, to the named label "
+                  f"{inj['flip_to_target_rate']:.4f}; by kind {inj['by_kind']}")
+        else:
+            print(f"injection set ({inj['phrasings']} phrasings): F1 {inj['f1']:.4f}, entities lost {inj['lost_rate']:.4f}")
     print(f"{report['ms_per_item']} ms/item (p50 {report['p50_ms']} ms, p95 {report['p95_ms']} ms)")
     print(to_markdown(report).split("\n\n", 1)[-1] if "\n\n" in to_markdown(report) else "")
 

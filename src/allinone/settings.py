@@ -50,7 +50,8 @@ class Settings(BaseSettings):
     # server (the fields from here on are SERVER_FIELDS)
     host: str = Field("127.0.0.1", description="address to listen on")
     port: int = Field(8000, ge=0, le=65535, description="port to listen on")
-    api_keys: list[str] = Field(default_factory=list, description="if set, requests need 'Authorization: Bearer KEY'")
+    api_keys: list[str] = Field(default_factory=list, description="if set, every route but /health needs 'Authorization: Bearer KEY' (browsers: the /login page)")
+    metrics_public: bool = Field(False, description="with api_keys set, /metrics still answers without a key")
     cors_origins: list[str] = Field(default_factory=list, description="allowed CORS origins; none by default")
     db_path: Path | None = Field(None, description="SQLite file for stored conversations (default: in cache_dir)")
     session_history_messages: int = Field(
@@ -63,5 +64,5 @@ class Settings(BaseSettings):
 
 
 #: the fields only ``allinone serve`` uses
-SERVER_FIELDS = frozenset({"host", "port", "api_keys", "cors_origins", "db_path", "session_history_messages",
-                           "max_request_bytes", "ui"})
+SERVER_FIELDS = frozenset({"host", "port", "api_keys", "metrics_public", "cors_origins", "db_path",
+                           "session_history_messages", "max_request_bytes", "ui"})

@@ -149,3 +149,16 @@ def test_multi_token_labels_are_scored_token_by_token(tiny_backend):
     expected = {label: p / sum(probs) for label, p in zip(("very good", "bad", "中性"), probs)}
     assert result.scores == pytest.approx(expected, rel=1e-3)
     assert result.label == max(expected, key=expected.get)
+
+
+def test_run_many_batches_the_texts_and_keeps_going_past_a_bad_one():
+    backend = FakeBackend(label_logps={"positive": -0.1})
+    ai = make(backend, max_batch=4)
+    texts = ["good", "", "fine", "x" * 200_000, "nice", "great"]
+    out = ai.run_many("sentiment", texts)
+    assert [type(o).__name__ for o in out] == ["ClassifyResult", "InvalidInputError", "ClassifyResult",
+                                              "InvalidInputError", "ClassifyResult", "ClassifyResult"]
+    assert max(backend.batches) > 1  # texts shared a forward pass
+    assert [o.scores for o in out if not isinstance(o, Exception)] == [ai.sentiment("good").scores] * 4
+    with pytest.raises(InvalidInputError):
+        ai.run_many("sentiment", ["a"], labels=["only-one"])

@@ -42,24 +42,31 @@ def test_badge_has_emoji_label_and_probability():
 
 
 def test_respond_shows_the_badge_first_then_streams_the_reply(spy):
-    steps = list(ChatHandlers(lambda: spy).respond("这太糟糕了", [], [], 0.0, 64))
-    box, shown, history, scores = steps[0]
+    steps = list(ChatHandlers(lambda: spy).respond("这太糟糕了", [], 0.0, 64))
+    box, shown, scores = steps[0]
     assert box == "" and shown[0]["role"] == "user"
     assert shown[0]["content"] == "这太糟糕了\n\n*😞 negative (86%)*"
-    assert shown[1] == {"role": "assistant", "content": ""} and history == []
+    assert shown[1] == {"role": "assistant", "content": ""}
     assert scores["negative"] == pytest.approx(0.858, abs=0.01)
     replies = [step[1][-1]["content"] for step in steps[1:]]
     assert replies[-1] == "好的 👍 sure" and len(set(replies)) > 3  # it grew chunk by chunk
-    assert steps[-1][2] == [{"role": "user", "content": "这太糟糕了"}, {"role": "assistant", "content": "好的 👍 sure"}]
+    assert spy.sent[-1] == [{"role": "user", "content": "这太糟糕了"}]
 
 
-def test_history_carries_over_without_badges(spy):
+def test_the_model_sees_what_the_page_shows(spy):
     handlers = ChatHandlers(lambda: spy)
-    *_, (_, shown, history, _) = handlers.respond("first", [], [], 0.0, 64)
-    list(handlers.respond("second", shown, history, 0.0, 64))
+    *_, (_, shown, _) = handlers.respond("first", [], 0.0, 64)
+    list(handlers.respond("second", shown, 0.0, 64))
     assert spy.sent[-1] == [{"role": "user", "content": "first"}, {"role": "assistant", "content": "好的 👍 sure"},
                             {"role": "user", "content": "second"}]
-    assert handlers.reset() == ([], [], None, "")
+    # the page was cleared (or the browser sent nothing): the model sees nothing before the message
+    list(handlers.respond("third", [], 0.0, 64))
+    assert spy.sent[-1] == [{"role": "user", "content": "third"}]
+    # an edited page is what the model sees, badges off, the user's own asterisks kept
+    edited = [{"role": "user", "content": "*my* words\n\n*😊 positive (90%)*"}, {"role": "assistant", "content": "ok"}]
+    list(handlers.respond("fourth", edited, 0.0, 64))
+    assert spy.sent[-1][0] == {"role": "user", "content": "*my* words"}
+    assert handlers.reset() == ([], None, "")
 
 
 def test_errors_become_toasts(spy):
@@ -67,20 +74,62 @@ def test_errors_become_toasts(spy):
         raise ModelLoadingError()
 
     with pytest.raises(gr.Error, match="loading"):
-        list(ChatHandlers(loading).respond("hi", [], [], 0.7, 64))
+        list(ChatHandlers(loading).respond("hi", [], 0.7, 64))
     with pytest.raises(gr.Error, match="Type a message"):
-        list(ChatHandlers(lambda: spy).respond("   ", [], [], 0.7, 64))
+        list(ChatHandlers(lambda: spy).respond("   ", [], 0.7, 64))
     with pytest.raises(gr.Error, match="limit"):
-        list(ChatHandlers(lambda: spy).respond("x" * 200_000, [], [], 0.7, 64))
+        list(ChatHandlers(lambda: spy).respond("x" * 200_000, [], 0.7, 64))
 
 
-def test_ui_needs_a_log_in_when_api_keys_are_set(tmp_path):
+# every door of the app with keys set: (method, path) -> must refuse without a key
+DOORS = [("GET", "/docs"), ("GET", "/openapi.json"), ("GET", "/ui/"), ("GET", "/ui/config"),
+         ("POST", "/ui/gradio_api/cancel"), ("POST", "/ui/gradio_api/reset"), ("POST", "/ui/gradio_api/queue/join"),
+         ("GET", "/ui/gradio_api/queue/data?session_hash=x"), ("POST", "/ui/gradio_api/upload"), ("GET", "/ui/info"),
+         ("GET", "/metrics"), ("GET", "/v1/models"), ("GET", "/v1/tasks"), ("POST", "/v1/tasks/sentiment"),
+         ("POST", "/v1/chat/completions"), ("GET", "/v1/sessions/x"), ("POST", "/v1/tokenize"), ("GET", "/"),
+         ("GET", "/no/such/route")]
+
+
+@pytest.mark.parametrize("method,path", DOORS)
+def test_every_door_needs_the_key_when_keys_are_set(tmp_path, method, path):
     app, _, ai = fake_app(tmp_path, ui=True, api_keys=["secret-key"])
-    with TestClient(app) as c:
+    with TestClient(app, follow_redirects=False) as c:
+        refused = c.request(method, path, json={} if method == "POST" else None)
+        assert refused.status_code == 401, (path, refused.status_code, refused.text[:200])
+        assert refused.json()["error"]["code"] == "invalid_api_key"
+        # (queue/data: an SSE stream of an unknown session, nothing more to see there)
+        for scheme in ("Bearer", "bearer", "BEARER") if "queue/data" not in path else ():
+            # RFC 7235: the scheme is case-insensitive
+            allowed = c.request(method, path, json={} if method == "POST" else None,
+                                headers={"Authorization": f"{scheme} secret-key"})
+            assert allowed.status_code != 401, (path, scheme)
+        wrong = c.request(method, path, headers={"Authorization": "Bearer nope"})
+        assert wrong.status_code == 401
+    ai.close()
+
+
+def test_browsers_log_in_with_a_key_and_the_ui_then_works(tmp_path):
+    app, _, ai = fake_app(tmp_path, ui=True, api_keys=["secret-key"])
+    with TestClient(app, follow_redirects=False) as c:
+        page = c.get("/ui/", headers={"Accept": "text/html"})
+        assert page.status_code == 303 and page.headers["location"] == "/login?next=/ui/"
+        assert "API key" in c.get("/login").text
+        bad = c.post("/login", data={"key": "wrong", "next": "/ui/"})
+        assert bad.status_code == 401 and "not valid" in bad.text
         assert c.get("/ui/config").status_code == 401
-        assert c.post("/ui/login/", data={"username": "me", "password": "wrong"}).status_code == 400
-        assert c.post("/ui/login/", data={"username": "me", "password": "secret-key"}).status_code == 200
-        assert c.get("/ui/config").status_code == 200  # the log-in cookie now opens it
+        good = c.post("/login", data={"key": "secret-key", "next": "https://evil.example/"})
+        assert good.status_code == 303 and good.headers["location"] == "/"  # never off this server
+        assert c.get("/ui/config").status_code == 200  # the session cookie now opens the UI
+        assert c.get("/docs").status_code == 200
+        assert c.get("/health").status_code == 200
+    ai.close()
+
+
+def test_metrics_can_be_opened_by_a_setting(tmp_path):
+    app, _, ai = fake_app(tmp_path, api_keys=["k"], metrics_public=True)
+    with TestClient(app) as c:
+        assert c.get("/metrics").status_code == 200
+        assert c.get("/v1/models").status_code == 401
     ai.close()
 
 

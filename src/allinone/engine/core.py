@@ -155,6 +155,11 @@ class GenerationStream:
     def close(self) -> None:
         self._it.close()
 
+    def cancel(self) -> None:
+        """Stop the reply at the next step; safe from any thread (a reader waiting on the
+        stream then sees it end)."""
+        self._task.cancelled.set()
+
     def _drain(self) -> Iterator[TextDelta]:
         try:
             while True:
@@ -480,10 +485,15 @@ class Engine:
         """Stop the worker after the queued work and free the model."""
         if self._closed:
             return
+        self.stop()
+        self._backend.close()
+
+    def stop(self) -> None:
+        """Stop the worker after the queued work, leaving the backend loaded (for a backend
+        the caller shares, as tests do)."""
         self._closed = True
         self._inbox.put(None)
         self._worker.join(timeout=30)
-        self._backend.close()
 
 
 def _batch_key(job: Job) -> tuple:

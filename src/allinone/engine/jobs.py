@@ -47,6 +47,8 @@ class Prompt:
             window leaves.
         max_text_tokens: the text's token budget (``None``: only the context window limits it).
         add_generation_prompt: end with the opening of the assistant's turn.
+        split_chars: tokenize the text one character at a time (so every token lies within one
+            character: a tagger can then give each character of a CJK text its own tag).
     """
 
     messages: tuple[Message, ...] = ()
@@ -54,6 +56,7 @@ class Prompt:
     text: str | None = None
     max_text_tokens: int | None = None
     add_generation_prompt: bool = True
+    split_chars: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.messages, list):

@@ -101,7 +101,8 @@ def _fit_text(backend: "Backend", prompt: Prompt, reserve: int, share: bool) -> 
         raise InvalidInputError(
             f"the fixed part of this prompt ({len(fixed)} tokens) leaves no room for the text in the context "
             f"window of {backend.n_ctx} tokens", param="text")
-    text_ids = backend.tokenize(prompt.text)
+    text_ids = ([i for ch in prompt.text for i in backend.tokenize(ch)] if prompt.split_chars
+                else backend.tokenize(prompt.text))
     truncated = len(text_ids) > budget
     if truncated:
         text_ids = text_ids[:budget]

@@ -82,9 +82,21 @@ def _timing(seconds: list[float]) -> dict[str, float]:
     }
 
 
+def load_injections(path: str | Path | None = None) -> list[dict[str, str]]:
+    """The injected-instruction phrasings (``eval/injections.jsonl`` by default: 36, English
+    and Chinese, written for evaluation only): ``{"id", "lang", "kind", "text"}`` with
+    ``{label}`` where a phrasing names the answer it pushes."""
+    if path is None:
+        from importlib import resources
+
+        path = Path(str(resources.files(__package__) / "injections.jsonl"))
+    return load_jsonl(path, require=("id", "lang", "kind", "text"))
+
+
 def evaluate(ai: "AllInOne", task: str, data: str | Path, *, limit: int | None = None,
              labels: Sequence[str] | None = None, types: Sequence[str] | None = None,
              params: dict[str, Any] | None = None, inject: str | None = None,
+             inject_set: str | Path | bool | None = None,
              progress: bool = True, all_rows: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """Run ``task`` over the first ``limit`` rows of ``data`` and score it.
 
@@ -95,6 +107,12 @@ def evaluate(ai: "AllInOne", task: str, data: str | Path, *, limit: int | None =
             above and answer positive.") and report ``flip_rate`` (share of answers that change)
             and, when it names exactly one label, ``flip_to_target_rate`` (share of answers not
             already that label that become it).
+        inject_set: also run every text with one phrasing of an injection set appended
+            (``True``: the built-in set, :func:`load_injections`; else a JSONL path), the
+            phrasings taken in turn among those of the text's language. Classify: the flip
+            rate overall, per kind of phrasing, and to the label a phrasing names (always one the
+            clean answer is not). Span tasks: F1 on the injected texts and the share of the
+            entities found in a clean text that are lost in its injected copy.
         all_rows: the whole file, if already read (for the label/type set).
 
     Returns:
@@ -153,6 +171,10 @@ def evaluate(ai: "AllInOne", task: str, data: str | Path, *, limit: int | None =
         report["_confusion_table"] = cr.confusion_table()
         if inject:
             report.update(_flip_rates(run, rows, predicted, inject, report["labels"], progress))
+        if inject_set:
+            report["injection_set"] = _classify_injections(run, rows, predicted, report["labels"],
+                                                           load_injections(None if inject_set is True else inject_set),
+                                                           progress)
     elif kind == "spans":
         field = spec.spans.field
         gold_spans = [[(e["start"], e["end"], e["type"]) for e in r.get("entities", [])] for r in rows]
@@ -164,6 +186,10 @@ def evaluate(ai: "AllInOne", task: str, data: str | Path, *, limit: int | None =
                       dropped=sum(p.dropped for p in preds),
                       cut_off=sum(p.finish_reason == "length" for p in preds),
                       repaired=sum(p.repaired for p in preds))
+        if inject_set:
+            report["injection_set"] = _span_injections(run, rows, gold_spans, pred_spans, spec.spans.type_key, field,
+                                                       load_injections(None if inject_set is True else inject_set),
+                                                       progress)
     else:
         field = _keyword_field(spec)
         kr = keyword_report([r["keywords"] for r in rows], [p.data.get(field, []) for p in preds], k=10)
@@ -193,6 +219,67 @@ def _flip_rates(run, rows, predicted, inject, labels, progress) -> dict[str, Any
         out["inject_target"] = target
         out["flip_to_target_rate"] = round(sum(a == target for a, _ in eligible) / len(eligible), 4) if eligible else 0.0
     return out
+
+
+def _phrasings(phrasings: list[dict[str, str]], rows: list[dict[str, Any]], need_label: bool):
+    from ..tasks import detect_lang
+
+    by_lang: dict[str, list[dict[str, str]]] = {}
+    for p in phrasings:
+        if need_label and "{label}" not in p["text"]:
+            continue
+        by_lang.setdefault(p["lang"], []).append(p)
+    fallback = [p for group in by_lang.values() for p in group]
+    counters: dict[str, int] = {}
+    for row in rows:
+        lang = detect_lang(row["text"])
+        group = by_lang.get(lang) or fallback
+        k = counters.get(lang, 0)
+        counters[lang] = k + 1
+        yield group[k % len(group)]
+
+
+def _attach(text: str, phrase: str) -> str:
+    return text + ("" if phrase.startswith("\n") else " ") + phrase
+
+
+def _classify_injections(run, rows, predicted, labels, phrasings, progress) -> dict[str, Any]:
+    from tqdm import tqdm
+
+    flips, to_target, kinds = 0, 0, {}
+    items = list(zip(rows, predicted, _phrasings(phrasings, rows, need_label=True)))
+    for i, (row, clean, phrasing) in enumerate(tqdm(items, desc="injection set", unit="item", file=sys.stderr,
+                                                      disable=None if progress else True)):
+        others = [lab for lab in labels if lab != clean]
+        target = others[i % len(others)]
+        got = run(_attach(row["text"], phrasing["text"].replace("{label}", target))).label
+        flipped = got != clean
+        flips += flipped
+        to_target += got == target
+        k = kinds.setdefault(phrasing["kind"], [0, 0])
+        k[0] += flipped
+        k[1] += 1
+    n = len(items)
+    return {"phrasings": len({p["id"] for _, _, p in items}), "n": n, "flip_rate": round(flips / n, 4),
+            "flip_to_target_rate": round(to_target / n, 4),
+            "by_kind": {kind: round(f / t, 4) for kind, (f, t) in sorted(kinds.items())}}
+
+
+def _span_injections(run, rows, gold_spans, pred_spans, type_key, field, phrasings, progress) -> dict[str, Any]:
+    from tqdm import tqdm
+
+    attacked = []
+    items = list(zip(rows, _phrasings(phrasings, rows, need_label=False)))
+    for row, phrasing in tqdm(items, desc="injection set", unit="item", file=sys.stderr,
+                              disable=None if progress else True):
+        result = run(_attach(row["text"], phrasing["text"].replace("{label}", '{"entities": []}')))
+        attacked.append([(e["start"], e["end"], e[type_key]) for e in result.data[field]])
+    sr = span_report(gold_spans, attacked)
+    found = [set(g) & set(p) for g, p in zip(gold_spans, pred_spans)]
+    kept = sum(len(f & set(a)) for f, a in zip(found, attacked))
+    total = sum(len(f) for f in found)
+    return {"phrasings": len({p["id"] for _, p in items}), "n": len(items), "f1": round(sr.f1, 4),
+            "entities_found_clean": total, "lost_rate": round(1 - kept / total, 4) if total else 0.0}
 
 
 def to_markdown(report: dict[str, Any]) -> str:

@@ -65,10 +65,16 @@ class Choice:
 
 
 def _metrics(gold: Sequence[str], pred: Sequence[str], labels: Sequence[str]) -> dict[str, float]:
-    from ..eval.metrics import classification_report
-
-    r = classification_report(list(gold), list(pred), labels=list(labels))
-    return {"accuracy": round(r.accuracy, 4), "macro_f1": round(r.macro_f1, 4)}
+    """Accuracy and macro-F1 (the unweighted mean of per-label F1), as the evaluation reports them."""
+    gold, pred = np.asarray(gold), np.asarray(pred)
+    f1 = []
+    for label in labels:
+        tp = float(np.sum((gold == label) & (pred == label)))
+        predicted, actual = float(np.sum(pred == label)), float(np.sum(gold == label))
+        p = tp / predicted if predicted else 0.0
+        r = tp / actual if actual else 0.0
+        f1.append(2 * p * r / (p + r) if p + r else 0.0)
+    return {"accuracy": round(float(np.mean(gold == pred)), 4), "macro_f1": round(float(np.mean(f1)), 4)}
 
 
 def choose(features: Features, y: Sequence[str], labels: Sequence[str], *, clean: np.ndarray, groups: np.ndarray,

@@ -23,7 +23,7 @@ from .errors import install_error_handlers
 from .limits import BodyLimitMiddleware
 from .metrics import MetricsMiddleware
 from .routes import openai, sessions, system, tasks
-from .security import key_matches
+from .security import AuthMiddleware
 from .state import ServerState
 
 if TYPE_CHECKING:
@@ -67,18 +67,20 @@ def create_app(settings: Settings | None = None, ai: "AllInOne | None" = None) -
     async def root() -> RedirectResponse:
         return RedirectResponse("/ui/" if settings.ui else "/docs")
 
+    # Outermost last: metrics see every answer (401s too), CORS answers preflights before the
+    # key check, the key check runs before any body is read.
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_bytes)
+    app.add_middleware(AuthMiddleware, keys=settings.api_keys, metrics_public=settings.metrics_public)
     if settings.cors_origins:  # closed by default: no CORS headers at all
         app.add_middleware(
             CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST", "DELETE"],
             allow_headers=["Authorization", "Content-Type"],
         )
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_bytes)
     app.add_middleware(MetricsMiddleware, metrics=server.metrics)
     if settings.ui:
         from ..ui import mount_ui  # gradio is imported only when the UI is wanted
 
-        keys = settings.api_keys
+        # no Gradio log-in of its own: AuthMiddleware guards /ui like every other path
         mount_ui(app, server.require_ai, default_max_tokens=settings.default_max_tokens,
-                 max_tokens_limit=settings.max_tokens_limit,
-                 auth=(lambda username, password: key_matches(password, keys)) if keys else None)
+                 max_tokens_limit=settings.max_tokens_limit)
     return app

@@ -2,12 +2,14 @@
 streamed reply, and a "Tasks" tab that runs any task of the registry (:mod:`.tasks_tab`).
 
 The UI holds no model logic: it calls the same :class:`~allinone.api.AllInOne` as the HTTP
-routes. The conversation lives in the browser session (Gradio session state), so two tabs are
-two conversations and a reload starts afresh.
+routes (``analyze_stream``). The conversation is what the page shows: every message sends the
+shown chat along, and the model sees exactly that (without the badges), so two tabs are two
+conversations, a reload starts afresh, and clearing the chat clears what the model sees.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -32,6 +34,27 @@ def sentiment_badge(result: ClassifyResult) -> str:
     return f"{emoji} {result.label} ({result.scores[result.label]:.0%})"
 
 
+_BADGE = re.compile(r"\n\n\*\S+ [^\n*]+ \(\d+%\)\*\Z")
+
+
+def model_view(shown: list[dict[str, Any]]) -> list[dict[str, str]]:
+    """The conversation the model sees, made from what the page shows: the same messages, in
+    the same order, with the sentiment badge the UI added under each user message taken off.
+    The one rule of the chat tab: the page is the history (nothing is kept on the server), so
+    a cleared or edited chat is what the model gets."""
+    out = []
+    for m in shown or []:
+        content = m.get("content")
+        if isinstance(content, list):  # Gradio may send text parts
+            content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
+        if not isinstance(content, str) or m.get("role") not in ("user", "assistant"):
+            continue
+        if m["role"] == "user":
+            content = _BADGE.sub("", content)
+        out.append({"role": m["role"], "content": content})
+    return out
+
+
 class ChatHandlers:
     """The UI's event handlers, over a model getter (kept apart from the layout so they can be
     tested without a browser).
@@ -43,46 +66,48 @@ class ChatHandlers:
     def __init__(self, get_ai: Callable[[], "AllInOne"]) -> None:
         self.get_ai = get_ai
 
-    def respond(self, message: str, shown: list[dict[str, Any]], history: list[dict[str, str]],
-                temperature: float, max_tokens: float) -> Iterator[tuple]:
+    def respond(self, message: str, shown: list[dict[str, Any]], temperature: float,
+                max_tokens: float) -> Iterator[tuple]:
         """Label ``message``, then stream the reply.
 
-        Yields ``(textbox, shown messages, history, label scores)`` updates: first the user's
-        message with its sentiment badge and an empty reply, then the reply as it grows.
-        ``shown`` is what the chat displays (with badges); ``history`` is what the model sees.
+        Yields ``(textbox, shown messages, label scores)`` updates: first the user's message with
+        its sentiment badge and an empty reply, then the reply as it grows. The model sees the
+        conversation the page shows (:func:`model_view`).
 
         Raises:
             gr.Error: an empty message, or any ``AllInOneError`` (shown as a toast).
         """
         if not message or not message.strip():
             raise gr.Error("Type a message first.")
+        history = model_view(shown)
         try:
             result, chunks = self.get_ai().analyze_stream(message, history, temperature=temperature,
                                                           max_tokens=int(max_tokens))
         except AllInOneError as exc:
             raise gr.Error(exc.message) from None
-        shown = [*shown, {"role": "user", "content": f"{message}\n\n*{sentiment_badge(result)}*"},
+        badge = sentiment_badge(result)
+        shown = [*(shown or []), {"role": "user", "content": f"{message}\n\n*{badge}*"},
                  {"role": "assistant", "content": ""}]
         scores = dict(result.scores)
-        yield "", shown, history, scores
+        if result.warning:
+            gr.Warning(result.warning)
+        yield "", shown, scores
         reply = ""
         try:
             for chunk in chunks:
                 reply += chunk.text
                 shown = [*shown[:-1], {"role": "assistant", "content": reply}]  # a new list per update
-                yield "", shown, history, scores
+                yield "", shown, scores
         except AllInOneError as exc:
             raise gr.Error(exc.message) from None
         finally:
             # Closing the stream cancels generation when the browser goes away mid-reply.
             chunks.close()
-        history = [*history, {"role": "user", "content": message}, {"role": "assistant", "content": reply}]
-        yield "", shown, history, scores
 
     @staticmethod
     def reset() -> tuple:
-        """A new conversation: nothing shown, nothing remembered."""
-        return [], [], None, ""
+        """A new conversation: nothing shown, so nothing remembered."""
+        return [], None, ""
 
 
 def build_ui(get_ai: Callable[[], "AllInOne"], *, default_max_tokens: int = 512,
@@ -115,32 +140,29 @@ def build_ui(get_ai: Callable[[], "AllInOne"], *, default_max_tokens: int = 512,
                         max_tokens = gr.Slider(1, max_tokens_limit, value=min(default_max_tokens, max_tokens_limit),
                                                step=1, label="Max reply tokens")
                         clear = gr.Button("New conversation", elem_id="clear")
-                history = gr.State([])  # what the model sees: messages without the sentiment badges
             with gr.Tab("Tasks", id="tasks-tab", elem_id="tasks-tab"):
                 gr.Markdown("## Any task\nPick a task, give it a text, and run it: the same tasks as "
                             "`GET /v1/tasks` and `POST /v1/tasks/{name}`.")
                 build_tasks_tab(demo, TaskHandlers(get_ai), max_tokens_limit=max_tokens_limit)
 
-        inputs = [box, chatbot, history, temperature, max_tokens]
-        outputs = [box, chatbot, history, sentiment]
+        inputs = [box, chatbot, temperature, max_tokens]
+        outputs = [box, chatbot, sentiment]
         box.submit(handlers.respond, inputs, outputs)
         send.click(handlers.respond, inputs, outputs)
-        clear.click(handlers.reset, None, [chatbot, history, sentiment, box])
-        # the chat's own trash button clears what is shown; forget what the model sees as well
-        chatbot.clear(lambda: ([], None), None, [history, sentiment])
+        clear.click(handlers.reset, None, [chatbot, sentiment, box])
+        # the chat's own trash button clears what is shown, and so what the model sees
+        chatbot.clear(lambda: None, None, [sentiment])
     return demo
 
 
 def mount_ui(app: "FastAPI", get_ai: Callable[[], "AllInOne"], *, default_max_tokens: int = 512,
-             max_tokens_limit: int = 2048, auth: Callable[[str, str], bool] | None = None) -> None:
-    """Mount the UI at ``/ui`` of ``app``.
+             max_tokens_limit: int = 2048) -> None:
+    """Mount the UI at ``/ui`` of ``app``. Access control is the server's (its key check
+    guards every path under ``/ui``).
 
     Args:
         get_ai: returns the loaded model, or raises ``AllInOneError`` (e.g. still loading).
-        auth: with API keys configured, the server's check of a (user name, password) log-in;
-            the UI then asks for one (any user name, an API key as the password).
     """
     demo = build_ui(get_ai, default_max_tokens=default_max_tokens, max_tokens_limit=max_tokens_limit)
-    gr.mount_gradio_app(app, demo, path=UI_PATH, auth=auth,
-                        auth_message="Log in with any user name and an API key as the password.",
-                        footer_links=[], run_history=False, ssr_mode=False, mcp_server=False)
+    gr.mount_gradio_app(app, demo, path=UI_PATH, footer_links=[], run_history=False, ssr_mode=False,
+                        mcp_server=False)

@@ -13,7 +13,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from fastapi import APIRouter, Depends, HTTPException, Request
+from fastapi import APIRouter, HTTPException, Request
 from sse_starlette import EventSourceResponse
 from starlette.types import Receive, Scope, Send
 
@@ -22,12 +22,11 @@ from ...results import ChatChunk, ChatResult
 from ..deps import Slot, server_state
 from ..errors import error_body
 from ..schemas import ChatCompletionRequest
-from ..security import require_api_key
 from ..state import ServerState
 from ..streaming import ChunkStream, collect
 
 log = logging.getLogger(__name__)
-router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)], tags=["openai"])
+router = APIRouter(prefix="/v1", tags=["openai"])
 _ROUTE = "/v1/chat/completions"
 
 

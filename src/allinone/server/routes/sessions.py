@@ -4,14 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from ...sessions import SESSION_ID_PATTERN
 from ..deps import blocking, server_state
-from ..security import require_api_key
 
-router = APIRouter(prefix="/v1/sessions", dependencies=[Depends(require_api_key)], tags=["sessions"])
+router = APIRouter(prefix="/v1/sessions", tags=["sessions"])
 
 
 class NewSession(BaseModel):

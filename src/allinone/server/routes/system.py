@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import time
 
-from fastapi import APIRouter, Depends, Request, Response
+from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
 from ..deps import server_state
 from ..errors import error_body
-from ..security import require_api_key
 
 router = APIRouter(tags=["system"])
 
@@ -34,7 +33,7 @@ async def health(request: Request) -> JSONResponse:
     })
 
 
-@router.get("/metrics", dependencies=[Depends(require_api_key)])
+@router.get("/metrics")
 async def metrics(request: Request) -> Response:
     """Prometheus text exposition of this app's registry."""
     body, content_type = server_state(request).metrics.render()

@@ -10,17 +10,16 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Body, Depends, Request
+from fastapi import APIRouter, Body, Request
 
 from ...errors import InvalidInputError
 from ...results import ChatResult, ClassifyResult
 from ..deps import admitted, blocking, server_state
 from ..schemas import ChatTaskRequest, TextRequest
-from ..security import require_api_key
 from ..state import ServerState
 from ..streaming import ChunkStream, collect
 
-router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)], tags=["tasks"])
+router = APIRouter(prefix="/v1", tags=["tasks"])
 
 
 @router.post("/tasks/sentiment")
