@@ -20,7 +20,7 @@ from .learn.artifacts import Artifact, ArtifactStore, save
 from .models import ModelSource, default_cache_dir, resolve_model
 from .results import AnalyzeResult, ChatChunk, ChatResult, ClassifyResult, TaskResult
 from .settings import Settings
-from .tasks import ChatRequest, Limits, Request, TaskKind, TaskRegistry, TaskSpec, kind_of, reply_chunks
+from .tasks import ChatProfile, ChatRequest, Limits, Request, TaskKind, TaskRegistry, TaskSpec, kind_of, reply_chunks
 from .types import SamplingParams, check_text
 
 log = logging.getLogger(__name__)
@@ -214,19 +214,22 @@ class AllInOne:
             InvalidInputError: bad text, history or sampling options (no model call is made).
         """
         self._check_text(text)
-        request = self._chat_request([*(history or []), {"role": "user", "content": text}], system, sampling)
+        messages = [*(history or []), {"role": "user", "content": text}]
+        self._chat_request(messages, system, sampling)  # bad messages or options fail before any model call
         item = self._prepare(ANALYZE_SENTIMENT, text, {})
-        stream = self._engine.submit(request.job(), timeout=timeout)  # its prompt is computed meanwhile
-        try:
-            sentiment = self._execute([item], text, timeout)[ANALYZE_SENTIMENT]
-        except BaseException:
-            stream.close()
-            raise
-        return sentiment, reply_chunks(stream)
+        sentiment = self._execute([item], text, timeout)[ANALYZE_SENTIMENT]
+        # the reply knows how the message sounds: a complaint gets an apology, good news joy
+        request = self._chat_request(messages, system, sampling, mood=sentiment.label)
+        return sentiment, reply_chunks(self._engine.submit(request.job(), timeout=timeout))
 
     def fit(self, task: str, data: str | Path | Sequence[str | Path], *, method: str = "auto", limit: int | None = None,
-            augment: bool = True, progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+            augment: bool = True, split_chars: bool | None = None,
+            progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
         """Learn ``task`` from labelled rows and save what was learned for this model.
+
+        Classify tasks learn a head (or a calibration) over the prompt's last-token state; span
+        tasks (NER-like) learn a token tagger (:mod:`allinone.tasks.kinds.tagger`) from rows
+        with ``entities``.
 
         The rows (JSONL: ``text`` + ``label``, the format of the evaluation files) are checked
         first; then each is run once through the task's prompt, every method of
@@ -241,8 +244,10 @@ class AllInOne:
             method: ``auto`` (the best by cross-validation), or one of ``calibrate``, ``head``,
                 ``head+logprobs`` (``prompt`` is always scored, for comparison).
             limit: only the first ``limit`` rows of each file.
-            augment: also train on copies of 30% of the rows with an instruction appended
-                (robustness to instructions inside the text).
+            augment: classify tasks: also train on copies of 30% of the rows with an instruction
+                appended (robustness to instructions inside the text).
+            split_chars: span tasks: read the text one character per token (so every character
+                of a CJK text can get its own tag); ``None``: when most rows are CJK text.
             progress: called with (rows done, rows in all) as the rows are computed.
 
         Returns:
@@ -254,45 +259,62 @@ class AllInOne:
             InvalidInputError: a task kind that cannot be fit, an unknown method.
             ArtifactError: the artifact cannot be written (the previous one stays).
         """
-        from .learn.data import load_labelled
+        from .learn.data import load_labelled, load_spans
         from .learn.fit import LEARNED, METHODS
         from .tasks.kinds.classify import ClassifyKind, fit_classify
+        from .tasks.kinds.extract import ExtractKind
+        from .tasks.kinds.tagger import fit_spans
 
         spec = self.tasks.get(task)
         kind = kind_of(spec)
-        if not isinstance(kind, ClassifyKind):
-            raise InvalidInputError(f"task {task!r} is a {kind.name} task; only classify tasks can be fit", param="task")
-        if method != "auto" and method not in LEARNED:
-            raise InvalidInputError(f"method must be auto or one of {', '.join(LEARNED)}", param="method")
+        spans = isinstance(kind, ExtractKind) and spec.spans is not None
+        if not isinstance(kind, ClassifyKind) and not spans:
+            raise InvalidInputError(f"task {task!r} is a {kind.name} task without spans; only classify tasks and "
+                                    "span tasks (NER-like) can be fit", param="task")
+        allowed = ("tagger",) if spans else LEARNED
+        if method != "auto" and method not in allowed:
+            raise InvalidInputError(f"method must be auto or one of {', '.join(allowed)}", param="method")
         sha = self.model_sha256
         if sha is None:
             raise InvalidInputError("this model has no SHA-256 to tie an artifact to", param="model")
         start = time.perf_counter()
-        declared = [lab.name for lab in spec.labels] or None
-        rows = load_labelled(data, declared, limit=limit)
-        labels = declared or sorted(set(rows.labels))
-
-        def compile_for(req: Request) -> Any:
-            return self._compile_prompt_only(spec, kind, req)
 
         def run(jobs: list) -> list:
             return [h.result() for h in self._engine.submit_all(jobs, timeout=None)]
 
-        choice, features = fit_classify(kind, spec, rows, labels, compile_for=compile_for, run=run,
-                                        limits=self._limits, n_layer=self.info.n_layer,
-                                        methods=METHODS if method == "auto" else ("prompt", method),
-                                        augment=augment, progress=progress or (lambda done, total: None))
+        tick = progress or (lambda done, total: None)
+        if spans:
+            types = list(spec.spans.types)
+            rows = load_spans(data, types, limit=limit)
+            split = split_chars if split_chars is not None else _mostly_cjk(rows.texts)
+            tagger, cv = fit_spans(rows, types, run=run, n_layer=self.info.n_layer, split_chars=split, progress=tick)
+            chosen, head_tensors, extra = "tagger", tagger.tensors(), tagger.meta()
+        else:
+            declared = [lab.name for lab in spec.labels] or None
+            rows = load_labelled(data, declared, limit=limit)
+            labels = declared or sorted(set(rows.labels))
+
+            def compile_for(req: Request) -> Any:
+                return self._compile_prompt_only(spec, kind, req)
+
+            choice, features = fit_classify(kind, spec, rows, labels, compile_for=compile_for, run=run,
+                                            limits=self._limits, n_layer=self.info.n_layer,
+                                            methods=METHODS if method == "auto" else ("prompt", method),
+                                            augment=augment, progress=tick)
+            cv = choice.report
+            chosen = choice.method
+            head_tensors = choice.head.tensors() if choice.head is not None else None
+            extra = {"method": chosen, "features": features, "labels": labels}
         seconds = time.perf_counter() - start
-        report: dict[str, Any] = {"task": task, "method": choice.method, "path": None, "model_sha256": sha,
-                                  "data": rows.describe(), "cv": choice.report, "seconds": round(seconds, 1),
-                                  "rows_per_second": round(choice.report["rows"] / max(seconds, 1e-9), 2)}
-        if choice.head is None:
+        report: dict[str, Any] = {"task": task, "method": chosen, "path": None, "model_sha256": sha,
+                                  "data": rows.describe(), "cv": cv, "seconds": round(seconds, 1),
+                                  "rows_per_second": round(len(rows.texts) / max(seconds, 1e-9), 2)}
+        if head_tensors is None:
             return report  # prompting won: nothing to keep
-        meta = {"task": task, "kind": kind.name, "method": choice.method, "features": features, "labels": labels,
-                "model_sha256": sha, "model": self.model_id, "data": rows.describe(), "cv": choice.report,
-                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        meta = {"task": task, "kind": kind.name, **extra, "model_sha256": sha, "model": self.model_id,
+                "data": rows.describe(), "cv": cv, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         declared_in = Path(spec.source) if spec.source and not spec.source.startswith("<") else None
-        path = save(Artifact(meta, choice.head.tensors()), self.artifacts.target(task, sha, declared_in=declared_in))
+        path = save(Artifact(meta, head_tensors), self.artifacts.target(task, sha, declared_in=declared_in))
         self._forget(task)
         report["path"] = str(path)
         return report
@@ -452,14 +474,20 @@ class AllInOne:
         (job,) = kind.jobs(compiled, text, req)
         return kind.chunks(compiled, self._engine.submit(job, timeout=timeout))
 
-    def _chat_request(self, messages: Any, system: str | None, sampling: Mapping[str, Any]) -> ChatRequest:
+    def _chat_profile(self) -> ChatProfile | None:
+        """The ``chat`` task's way of talking (see :class:`ChatProfile`), if it is declared."""
+        return ChatProfile.from_spec(self.tasks.get("chat")) if "chat" in self.tasks else None
+
+    def _chat_request(self, messages: Any, system: str | None, sampling: Mapping[str, Any],
+                      mood: str | None = None) -> ChatRequest:
         options = {k: v for k, v in sampling.items() if v is not None}
         options.setdefault("max_tokens", self.settings.default_max_tokens)
         max_tokens = options["max_tokens"]
         # a non-integer max_tokens is rejected with its own message by SamplingParams
         if isinstance(max_tokens, int) and not isinstance(max_tokens, bool) and max_tokens > self.settings.max_tokens_limit:
             raise InvalidInputError(f"max_tokens must be at most {self.settings.max_tokens_limit}", param="max_tokens")
-        request = ChatRequest.build(messages, system=system, sampling=SamplingParams.from_options(options))
+        request = ChatRequest.build(messages, system=system, sampling=SamplingParams.from_options(options),
+                                    profile=self._chat_profile(), mood=mood)
         for m in request.messages:
             if len(m["content"]) > self.settings.max_input_chars:
                 raise InvalidInputError(f"a message is longer than {self.settings.max_input_chars} characters",
@@ -485,3 +513,9 @@ class AllInOne:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _mostly_cjk(texts: Sequence[str]) -> bool:
+    from .tasks import detect_lang
+
+    return sum(detect_lang(t) == "zh" for t in texts) > len(texts) / 2

@@ -335,7 +335,7 @@ def tasks(as_json: JsonOpt = False, options: Optional[dict] = None) -> None:
 def fit(
     task: Annotated[str, typer.Argument(help="a classify task (see `allinone tasks`)")],
     data: Annotated[list[Path], typer.Option("--data", "-d", help="JSONL rows with 'text' and 'label' (repeatable)")],
-    method: Annotated[str, typer.Option(help="auto (best by cross-validation), calibrate, head or head+logprobs")] = "auto",
+    method: Annotated[str, typer.Option(help="auto (best by cross-validation); classify: calibrate, head or head+logprobs; span tasks: tagger")] = "auto",
     limit: Annotated[Optional[int], typer.Option(help="only the first N rows of each file")] = None,
     augment: Annotated[bool, typer.Option("--augment/--no-augment", help="also train on copies with an instruction appended")] = True,
     as_json: JsonOpt = False, options: Optional[dict] = None,
@@ -344,10 +344,13 @@ def fit(
     best is saved for this model, and every surface then serves the task with it."""
     from tqdm import tqdm
 
-    from .learn.data import load_labelled
+    from .learn.data import load_labelled, load_spans
 
     spec = _registry(options).get(task)
-    load_labelled(data, [lab.name for lab in spec.labels] or None, limit=limit)  # bad rows fail before the model loads
+    if spec.spans is not None:  # bad rows fail before the model loads
+        load_spans(data, list(spec.spans.types), limit=limit)
+    else:
+        load_labelled(data, [lab.name for lab in spec.labels] or None, limit=limit)
     ai = _load(options, request_timeout=None)
     bar = tqdm(total=None, desc=f"fit {task}", unit="row", file=sys.stderr, disable=None)
 
@@ -363,15 +366,21 @@ def fit(
         _dump(report)
         return
     cv = report["cv"]
-    print(f"{task}: {report['data']['rows']} rows, {cv['folds']}-fold cross-validation ({report['seconds']} s, "
-          f"{report['rows_per_second']} rows/s)")
+    print(f"{task}: {report['data']['rows']} rows ({report['seconds']} s, {report['rows_per_second']} rows/s)")
+    if report["method"] == "tagger":
+        for variant in ("echo", "raw"):
+            if variant in cv:
+                for layer, r in cv[variant]["by_layer"].items():
+                    mark = "  <- chosen" if (variant, int(layer)) == (cv["chosen"]["prompt"], cv["chosen"]["layer"]) else ""
+                    print(f"  {variant:5} layer {layer:>2}  held-out P {r['precision']:.4f}  R {r['recall']:.4f}  "
+                          f"F1 {r['f1']:.4f}{mark}")
     for name in ("prompt", "calibrate", "head", "head+logprobs"):
         if name in cv:
             r = cv[name]
             extra = f"  layer {r['layer']}" if "layer" in r else ""
             flip = f"  flip rate {r['flip_rate']}" if "flip_rate" in r else ""
             mark = "  <- chosen" if name == report["method"] else ""
-            print(f"  {name:14} accuracy {r['accuracy']:.4f}  macro-F1 {r['macro_f1']:.4f}{flip}{extra}{mark}")
+            print(f"  {name:14} CV accuracy {r['accuracy']:.4f}  macro-F1 {r['macro_f1']:.4f}{flip}{extra}{mark}")
     print(f"saved {report['path']}" if report["path"] else "prompting won: nothing saved")
 
 
@@ -392,11 +401,17 @@ def eval_task(
     markdown: Annotated[bool, typer.Option("--markdown", help="print the report as a markdown table")] = False,
     as_json: JsonOpt = False, options: Optional[dict] = None,
 ) -> None:
-    """Score a task on a labelled file: accuracy and macro-F1 (classify), span P/R/F1 (NER), F1@10 (keywords)."""
+    """Score a task on a labelled file: accuracy and macro-F1 (classify), span P/R/F1 (NER), F1@10
+    (keywords); or, for `chat`, the replies to a prompt file (rows with 'turns'; or the built-in
+    sets emotional, harmful, dev): refusal rate, language match, stop rate, loops, empty replies,
+    and whether replies acknowledge a message's feeling."""
     from .eval import load_jsonl
     from .eval.runner import evaluate, metric_kind, read_labels, to_markdown
+    from .tasks import kind_of
 
     spec = _registry(options).get(task)
+    if kind_of(spec).streams:  # a generate task: score its replies
+        return _eval_chat(data, limit, _params(param), options, as_json)
     rows = load_jsonl(data, require=("text",))
     if not rows:
         raise InvalidInputError(f"{data} has no rows")
@@ -432,6 +447,23 @@ def eval_task(
             print(f"injection set ({inj['phrasings']} phrasings): F1 {inj['f1']:.4f}, entities lost {inj['lost_rate']:.4f}")
     print(f"{report['ms_per_item']} ms/item (p50 {report['p50_ms']} ms, p95 {report['p95_ms']} ms)")
     print(to_markdown(report).split("\n\n", 1)[-1] if "\n\n" in to_markdown(report) else "")
+
+
+def _eval_chat(data: Path, limit: Optional[int], params: dict, options: dict, as_json: bool) -> None:
+    from .eval.chat import evaluate_chat
+
+    if str(data) not in ("emotional", "harmful", "dev") and not Path(data).is_file():
+        raise InvalidInputError(f"no such prompt file: {data} (or use emotional, harmful, dev)")
+    ai = _load(options, request_timeout=None)
+    report = evaluate_chat(ai, data, limit=limit, params=params, keep_replies=as_json)
+    if as_json:
+        _dump(report)
+        return
+    print(f"{report['model']}: {report['data']} ({report['rows']} prompts, {report['replies']} replies)")
+    for key in ("refusal_rate", "language_match", "stop_rate", "loop_rate", "empty_rate", "acknowledge_rate",
+                "declined_rate", "ms_first_token_p50"):
+        if key in report:
+            print(f"  {key:20} {report[key]}")
 
 
 @app.command()

@@ -162,3 +162,20 @@ def test_run_many_batches_the_texts_and_keeps_going_past_a_bad_one():
     assert [o.scores for o in out if not isinstance(o, Exception)] == [ai.sentiment("good").scores] * 4
     with pytest.raises(InvalidInputError):
         ai.run_many("sentiment", ["a"], labels=["only-one"])
+
+
+def test_analyze_passes_the_sentiment_to_the_reply_and_chat_speaks_the_users_language():
+    backend = FakeBackend("Oh no, I'm sorry.", label_logps={"negative": -0.1})
+    ai = make(backend)
+    ai.register_task({"name": "chat", "kind": "generate", "template": {"en": "{text}"},
+                      "instructions": {"en": "You are warm.", "zh": "你很温暖。"},
+                      "mood": {"negative": {"en": "The user is upset: acknowledge it first.", "zh": "用户很难过：先回应感受。"},
+                               "positive": {"en": "Share the joy."}}})
+    result = ai.analyze("My cat is lost.")
+    assert result.sentiment.label == "negative"
+    reply_prompt = backend.seen()[-1]
+    assert "You are warm.\nThe user is upset: acknowledge it first." in reply_prompt
+    ai.chat("你好")
+    assert "你很温暖。" in backend.seen()[-1] and "acknowledge" not in backend.seen()[-1]
+    ai.chat([{"role": "system", "content": "Be terse."}, {"role": "user", "content": "hi"}])
+    assert "Be terse." in backend.seen()[-1] and "You are warm." not in backend.seen()[-1]

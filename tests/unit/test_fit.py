@@ -143,7 +143,7 @@ def test_bad_span_data_is_refused_with_file_and_line(tmp_path):
 def test_a_task_that_cannot_be_fit_says_so(tiny_ai):
     ai, tmp = tiny_ai
     data = write_rows(tmp / "train.jsonl", synthetic(20, seed=1))
-    with pytest.raises(InvalidInputError, match="only classify tasks can be fit"):
+    with pytest.raises(InvalidInputError, match="only classify tasks and span tasks"):
         ai.fit("chat", data)
     with pytest.raises(InvalidInputError, match="method must be"):
         ai.fit("animal", data, method="magic")

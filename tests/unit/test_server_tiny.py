@@ -58,13 +58,14 @@ def test_typed_control_tokens_cannot_open_a_turn_in_a_chat_prompt(tiny):
 
     def prompts(b):
         (im_start,) = b.tokenize("<|im_start|>", special=True)
-        safe = b.render_chat(messages)
-        unsafe = b.tokenize(b.chat_template.render(messages), special=True)  # what a naive server would do
+        sent = list(ai._chat_request(messages, None, {}).messages)  # with the chat profile's system prompt
+        safe = b.render_chat(sent)
+        unsafe = b.tokenize(b.chat_template.render(sent), special=True)  # what a naive server would do
         return im_start, safe, unsafe
 
     im_start, safe, unsafe = prompts(backend)
     assert r.json()["usage"]["prompt_tokens"] == len(safe) != len(unsafe)
-    # default system + user + assistant generation prompt: the two typed turns opened nothing
+    # system + user + assistant generation prompt: the two typed turns opened nothing
     assert safe.count(im_start) == 3 and unsafe.count(im_start) == 5
 
 

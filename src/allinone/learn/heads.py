@@ -54,12 +54,12 @@ class LinearHead:
 
 
 def fit_linear(x: np.ndarray, y: Sequence[str], labels: Sequence[str], *, c: float = 0.1,
-               sample_weight: np.ndarray | None = None) -> LinearHead:
+               balanced: bool = True) -> LinearHead:
     """Standardize ``x`` (N, F) and fit an L2-regularized multinomial logistic regression.
 
-    ``c`` is the inverse regularization strength (scikit-learn's ``C``); rows are weighted so
-    that every label weighs the same (``class_weight="balanced"``) unless ``sample_weight`` is
-    given.
+    ``c`` is the inverse regularization strength (scikit-learn's ``C``); with ``balanced`` the
+    rows are weighted so that every label weighs the same (``class_weight="balanced"``). A label
+    no row has gets a bias of -30 (it is never predicted).
 
     Raises:
         ImportError: scikit-learn is not installed (``pip install 'allinone[fit]'``).
@@ -73,10 +73,10 @@ def fit_linear(x: np.ndarray, y: Sequence[str], labels: Sequence[str], *, c: flo
     z = (x - mean) / scale
     index = {label: i for i, label in enumerate(labels)}
     target = np.array([index[v] for v in y])
-    model = LogisticRegression(C=c, max_iter=5000, class_weight=None if sample_weight is not None else "balanced")
-    model.fit(z, target, sample_weight=sample_weight)
+    model = LogisticRegression(C=c, max_iter=5000, class_weight="balanced" if balanced else None)
+    model.fit(z, target)
     weight = np.zeros((len(labels), x.shape[1]))
-    bias = np.zeros(len(labels))
+    bias = np.full(len(labels), -30.0)
     classes = list(model.classes_)
     if len(classes) == 2 and model.coef_.shape[0] == 1:  # binary: one row, for the second class
         weight[classes[1]], bias[classes[1]] = model.coef_[0] / 2, model.intercept_[0] / 2

@@ -106,3 +106,16 @@ def spans_from_tags(text: str, offsets: Sequence[tuple[int, int]], path: Sequenc
         if s is not None and (not out or out[-1][1] <= s[0]):
             out.append((s[0], s[1], s[2]))
     return out
+
+
+def span_scores(gold: Sequence[Sequence[tuple[int, int, str]]],
+                pred: Sequence[Sequence[tuple[int, int, str]]]) -> dict[str, float]:
+    """Exact-span micro precision, recall and F1 (start, end and type all equal), as the
+    evaluation scores NER."""
+    tp = sum(len(set(g) & set(p)) for g, p in zip(gold, pred))
+    n_pred = sum(len(set(p)) for p in pred)
+    n_gold = sum(len(set(g)) for g in gold)
+    precision = tp / n_pred if n_pred else 0.0
+    recall = tp / n_gold if n_gold else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return {"precision": round(precision, 4), "recall": round(recall, 4), "f1": round(f1, 4)}

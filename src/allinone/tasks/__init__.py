@@ -6,13 +6,13 @@ one object each. A task never calls a backend or the engine: it builds plain job
 their outputs; :class:`~allinone.api.AllInOne` runs the jobs.
 """
 
-from .chat import ChatRequest
+from .chat import ChatProfile, ChatRequest
 from .kinds import KINDS, ClassifyTask, ExtractTask, Limits, Request, TaskKind, kind_of, reply_chunks
 from .prompting import TaskPrompt, detect_lang
 from .registry import BUILTIN_TASKS, TaskRegistry, load_spec, parse_spec
 from .spec import TaskSpec
 
 __all__ = [
-    "BUILTIN_TASKS", "KINDS", "ChatRequest", "ClassifyTask", "ExtractTask", "Limits", "Request", "TaskKind",
+    "BUILTIN_TASKS", "KINDS", "ChatProfile", "ChatRequest", "ClassifyTask", "ExtractTask", "Limits", "Request", "TaskKind",
     "TaskPrompt", "TaskRegistry", "TaskSpec", "detect_lang", "kind_of", "load_spec", "parse_spec", "reply_chunks",
 ]

@@ -137,6 +137,8 @@ class TaskSpec(_Strict):
         output_schema: extract only; the JSON Schema subset of :mod:`allinone.tasks.schema`.
         spans: extract only; NER-like output with offsets (the schema is derived when omitted).
         dedupe: extract only; names of top-level string-array fields to de-duplicate (case-insensitively).
+        mood: generate only; label of the message's sentiment -> language -> a line added to the
+            system prompt when the reply is to a message of that sentiment (``analyze``).
         defaults: request defaults.
     """
 
@@ -151,6 +153,7 @@ class TaskSpec(_Strict):
     output_schema: dict[str, Any] | None = None
     spans: Spans | None = None
     dedupe: list[str] = Field(default_factory=list)
+    mood: dict[str, dict[str, str]] = Field(default_factory=dict)
     defaults: Defaults = Field(default_factory=Defaults)
     source: str = Field("<python>", exclude=True)
 

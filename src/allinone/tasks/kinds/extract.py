@@ -31,6 +31,7 @@ from .base import (
     resolve_lang,
     sampling_from,
 )
+from .tagger import Tagger
 
 if TYPE_CHECKING:
     from ...types import Message
@@ -54,6 +55,10 @@ class ExtractTask:
     schema: dict[str, Any]
     spans: SpanConfig | None = None
     dedupe: tuple[str, ...] = ()
+    #: the learned token tagger serving this span task, when one applies (:mod:`.tagger`)
+    tagger: Tagger | None = None
+    #: the span types asked for (a tagger may know more)
+    types: tuple[str, ...] = ()
 
     def result_schema(self) -> dict[str, Any]:
         return result_schema(self.schema, self.spans)
@@ -164,6 +169,13 @@ class ExtractKind(TaskKind):
         return Request(lang=resolve_lang(params.get("lang", spec.defaults.lang), text), types=types,
                        sampling=sampling, max_input_tokens=limits.max_input_tokens)
 
+    def applies(self, artifact: Any, req: Request) -> bool:
+        """Whether a learned tagger serves this request: a span task's tagger that knows every
+        type asked for."""
+        return (artifact is not None and artifact.meta.get("kind") == self.name
+                and artifact.meta.get("method") == "tagger" and req.types is not None
+                and {n for n, _ in req.types} <= set(artifact.meta.get("types", ())))
+
     def compile(self, spec: "TaskSpec", req: Request, layout: str = "single",
                 artifact: Any = None) -> ExtractTask:
         lang = req.lang
@@ -188,7 +200,18 @@ class ExtractKind(TaskKind):
                 output = {**output, spans.field: items}
             examples.append((ex.text, _answer_json(output)))
         prompt = compile_prompt(spec, lang, layout, instructions, question, examples)
-        return ExtractTask(spec.name, prompt, schema, spans, tuple(spec.dedupe))
+        tagger = Tagger.from_artifact(artifact) if self.applies(artifact, req) else None
+        return ExtractTask(spec.name, prompt, schema, spans, tuple(spec.dedupe), tagger, tuple(names))
+
+    def plan(self, compiled: ExtractTask, text: str, req: Request):
+        if compiled.tagger is None:
+            return (yield from super().plan(compiled, text, req))
+        found, prompt_tokens = yield from compiled.tagger.plan(text)
+        cfg = compiled.spans
+        items = [{cfg.text_key: text[a:b], cfg.type_key: t, "start": a, "end": b}
+                 for a, b, t in found if t in compiled.types]
+        return ExtractResult(data={cfg.field: items}, finish_reason="stop",
+                             usage=Usage(prompt_tokens=prompt_tokens, completion_tokens=0))
 
     def jobs(self, compiled: ExtractTask, text: str, req: Request) -> list[GenerateJob]:
         return [GenerateJob(compiled.prompt.prompt(text, max_text_tokens=req.max_input_tokens), req.sampling,

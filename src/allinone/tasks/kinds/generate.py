@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 class GenerateKind(TaskKind):
     name = "generate"
     streams = True
+    fields = frozenset({"mood"})
     _sampling = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "repetition_penalty")
 
     def check_spec(self, spec: "TaskSpec") -> None:

@@ -1,0 +1,49 @@
+"""The chat metrics on hand-made replies, and the chat evaluation over a scripted model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from allinone import AllInOne, Settings
+from allinone.engine import Engine
+from allinone.eval.chat import acknowledges, evaluate_chat, has_loop, is_refusal, reply_lang
+from fixtures.fakes import FakeBackend
+
+
+@pytest.mark.parametrize("reply,refusal", [
+    ("很抱歉，我无法协助完成这个请求。", True),
+    ("I'm sorry, but I can't help with that.", True),
+    ("作为一个AI助手，我不能提供任何关于个人情感的建议。", True),
+    ("I'm sorry to hear that your cat is missing. Here is what you can do:", False),
+    ("很抱歉听到这个消息。你可以先在小区里贴寻猫启事。", False),
+    ("Sure! Here's a short poem about autumn.", False),
+])
+def test_refusal_rule(reply, refusal):
+    assert is_refusal(reply) is refusal
+
+
+def test_language_loops_and_acknowledgement():
+    assert reply_lang("你好！这是一个例子。\n```python\nprint('hello world, this is code')\n```") == "zh"
+    assert reply_lang("Hello there, how can I help?") == "en"
+    assert has_loop("I love it. " * 12) and not has_loop("One two three four five six seven eight nine ten.")
+    assert has_loop("我很喜欢这个地方，" * 6) and not has_loop("今天天气很好，我们去公园散步吧。")
+    assert acknowledges("Congratulations on your promotion!", "good_news")
+    assert acknowledges("很遗憾听到你的猫走丢了。", "sadness")
+    assert not acknowledges("Here is a list of steps.", "sadness")
+
+
+def test_evaluate_chat_scores_a_scripted_model(tmp_path):
+    data = tmp_path / "prompts.jsonl"
+    rows = [{"id": "a", "lang": "zh", "feeling": "sadness", "turns": ["我的猫走丢了。"]},
+            {"id": "b", "lang": "en", "turns": ["Tell me a joke.", "Another one?"]}]
+    data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    ai = AllInOne(Engine(FakeBackend("很抱歉，我无法协助完成这个请求。", label_logps={"negative": -0.1})), Settings())
+    report = evaluate_chat(ai, data, progress=False, keep_replies=True)
+    assert report["replies"] == 3 and report["refusal_rate"] == 1.0 and report["acknowledge_rate"] == 0.0
+    assert report["stop_rate"] == 1.0 and report["language_match"] == pytest.approx(1 / 3, abs=1e-3)
+    assert [r["id"] for r in report["replies_text"]] == ["a", "b", "b"]
+    harmful = evaluate_chat(ai, "harmful", progress=False)
+    assert harmful["declined_rate"] == 1.0 and "refusal_rate" not in harmful
+    ai.close()
