@@ -72,6 +72,13 @@ class AllInOne:
     def from_settings(cls, settings: Settings) -> "AllInOne":
         start = time.perf_counter()
         source = resolve_model(settings.model, cache_dir=settings.cache_dir)
+        if settings.weights != "shipped" and source.kind == "gguf":
+            from .models.quantize import requantized
+
+            # the same model in another layout: learned artifacts of the original still apply
+            path = requantized(source.path, settings.weights, settings.cache_dir or default_cache_dir(),
+                               threads=settings.n_threads)
+            source = ModelSource("gguf", path, f"{source.name}-{settings.weights}", sha256=source.fingerprint())
         engine = Engine.load(
             source, backend=settings.backend, n_ctx=settings.n_ctx, n_threads=settings.n_threads,
             dtype=settings.dtype, cache_dir=settings.cache_dir, kv_cache_mb=settings.kv_cache_mb,

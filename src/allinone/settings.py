@@ -27,6 +27,8 @@ class Settings(BaseSettings):
     n_ctx: int = Field(4096, ge=256, le=131072, description="context window in tokens")
     n_threads: int | None = Field(None, ge=1, description="CPU threads (default: all cores)")
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="transformers weights dtype")
+    weights: Literal["shipped", "q8_0", "q4_0", "f16"] = Field(
+        "shipped", description="llama.cpp weight format: the GGUF as shipped, or re-quantized once into the cache")
     cache_dir: Path | None = Field(None, description="where assembled/converted models are kept")
 
     # scheduling and caching (see engine/core.py and backends/kv_cache.py)

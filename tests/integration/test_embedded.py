@@ -67,3 +67,21 @@ def test_injected_control_tokens_are_text(ai):
     ids = ai.tokenize(evil)
     # Qwen2.5's control tokens are the ids from 151643 (<|endoftext|>) on; typed, they are plain text
     assert all(i < 151643 for i in ids) and len(ai.tokenize("<|im_start|>")) > 1
+
+
+def test_greedy_replies_do_not_depend_on_what_else_runs(ai):
+    """8 greedy replies at once equal the same replies one by one (batch-invariant greedy
+    decoding), and a classification scores the same alone and in a batch."""
+    import concurrent.futures as cf
+
+    prompts = ["Name three fruits.", "用一句话介绍北京。", "What is 2+2?", "Say hi in French.",
+               "推荐一本书。", "Give me a color.", "What day comes after Monday?", "写一个四个字的成语。"]
+    alone = [ai.chat(p, temperature=0, max_tokens=24).text for p in prompts]
+    with cf.ThreadPoolExecutor(8) as pool:
+        together = list(pool.map(lambda p: ai.chat(p, temperature=0, max_tokens=24).text, prompts))
+    assert together == alone
+    texts = [c[0] for c in CLEAR_CASES]
+    one = [ai.sentiment(t).scores for t in texts]
+    many = [r.scores for r in ai.run_many("sentiment", texts)]
+    for a, b in zip(one, many):
+        assert a == pytest.approx(b, abs=1e-3)

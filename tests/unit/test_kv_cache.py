@@ -142,3 +142,25 @@ def test_fork_copies_and_counts():
     pool.release(fork, keep=False)
     pool.release(entry)
     assert pool.prompt_tokens == 9 and pool.cached_tokens == 4
+
+
+def test_copies_that_share_their_source_count_once_while_it_lives():
+    store = RecordingStore()
+    pool = KVPool(store, capacity_tokens=1500, max_entries=32, min_shared=4, copies_share=True)
+    prefix = list(range(900))
+    compute(pool, store, prefix + [1])
+    held = []
+    for k in range(16):  # 16 prompts of one task held at once: copies of the 900-token prefix + 10 tokens
+        prompt = prefix + [1000 + k] * 10
+        entry, n = pool.acquire(prompt)
+        assert n == 900
+        pool.reserve(10, keep=[entry])
+        entry.tokens = list(prompt)
+        store.states[entry.handle] = list(prompt)
+        held.append(entry)
+    assert pool.used_tokens <= 901 + 16 * 10  # the prefix counted once, under the entry holding it
+    assert any(len(e.tokens) >= 900 and not e.in_use for e in pool.entries)  # the task prefix is still cached
+    for entry in held:
+        pool.release(entry, keep=False)
+    pool.evict_one()  # the prefix's holder goes: its copy (the shared entry) now counts its cells
+    assert pool.used_tokens == sum(len(e.tokens) for e in pool.entries) >= 900

@@ -59,6 +59,9 @@ class KVEntry:
     shared: bool = False
     in_use: bool = False
     last_used: int = 0
+    #: the entry this one was copied from and how many of its positions were copied
+    source: "KVEntry | None" = field(default=None, repr=False)
+    source_n: int = 0
 
 
 def common_prefix_len(a: Sequence[int], b: Sequence[int], limit: int | None = None) -> int:
@@ -80,14 +83,21 @@ class KVPool:
         max_entries: the most entries at once (llama.cpp: its sequence slots).
         min_shared: the shortest common prefix worth keeping as a shared entry, in tokens.
 
-    Every entry's positions are counted, copied ones included. Where copies share memory with
-    their source (llama.cpp tags the same cells with both sequences) the count is an upper
-    bound: counting only a copy's own positions fell short once a source was evicted while its
-    copies lived on, and llama.cpp ran out of cells.
+        copies_share: a copy shares its source's memory (llama.cpp tags the same cells with
+            both sequences): see :attr:`used_tokens`. Without it (transformers clones the
+            tensors) every entry's positions are counted, copied ones included.
+
+    Counting a copy's copied positions under its source only while the source lives keeps the
+    count an upper bound: counting only a copy's own positions fell short once a source was
+    evicted while its copies lived on, and llama.cpp ran out of cells; counting them always
+    made 16 copies of a 900-token task prompt look like 14,400 tokens, so a batch evicted the
+    task prompt it was copying and recomputed it.
     """
 
-    def __init__(self, store: KVStore, *, capacity_tokens: int, max_entries: int, min_shared: int = 16) -> None:
+    def __init__(self, store: KVStore, *, capacity_tokens: int, max_entries: int, min_shared: int = 16,
+                 copies_share: bool = False) -> None:
         self.store = store
+        self.copies_share = copies_share
         self.capacity_tokens = capacity_tokens
         self.max_entries = max_entries
         self.min_shared = min_shared
@@ -99,8 +109,15 @@ class KVPool:
 
     @property
     def used_tokens(self) -> int:
-        """Token positions held, summed over entries."""
-        return sum(len(e.tokens) for e in self.entries)
+        """Token positions held, summed over entries. With ``copies_share`` (llama.cpp tags one
+        cell with every sequence holding it), a copy's copied positions count once, under its
+        source, while the source lives; after the source is gone they count under the copy, so
+        the figure stays an upper bound of the cells in use."""
+        if not self.copies_share:
+            return sum(len(e.tokens) for e in self.entries)
+        alive = {id(e) for e in self.entries}
+        return sum(len(e.tokens) - (min(e.source_n, len(e.tokens)) if e.source is not None and id(e.source) in alive else 0)
+                   for e in self.entries)
 
     def acquire(self, prompt: Sequence[int], *, limit: int | None = None) -> tuple[KVEntry, int]:
         """An entry, marked in use, holding the longest cached prefix of ``prompt``.
@@ -183,7 +200,7 @@ class KVPool:
     def _copy_of(self, src: KVEntry, n: int, *, shared: bool) -> KVEntry:
         src.in_use, was_in_use = True, src.in_use  # protect the source from eviction meanwhile
         try:
-            self.reserve(n, keep=(src,))
+            self.reserve(0 if self.copies_share else n, keep=(src,))  # shared cells cost nothing more
             entry = self._new_entry(keep=(src,))
             try:
                 self.store.kv_copy(src.handle, entry.handle, n)
@@ -193,6 +210,7 @@ class KVPool:
         finally:
             src.in_use = was_in_use
         entry.tokens = list(src.tokens[:n])
+        entry.source, entry.source_n = src, n
         if shared:
             entry.shared, entry.in_use = True, False
         return entry

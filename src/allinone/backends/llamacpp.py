@@ -108,7 +108,8 @@ class LlamaCppBackend(Backend):
         self._n_batch = n_batch
         self._batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
         self._free_seqs = list(range(N_SEQ_MAX - 1, -1, -1))
-        self.kv = KVPool(self, capacity_tokens=llama_cpp.llama_n_ctx(self._ctx.ctx), max_entries=N_SEQ_MAX)
+        self.kv = KVPool(self, capacity_tokens=llama_cpp.llama_n_ctx(self._ctx.ctx), max_entries=N_SEQ_MAX,
+                         copies_share=True)
 
         vocab = self._model.vocab
         eog = {t for t in range(self.n_vocab) if llama_cpp.llama_vocab_is_eog(vocab, t)}
