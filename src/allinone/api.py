@@ -213,9 +213,10 @@ class AllInOne:
     def analyze_stream(self, text: str, history: Sequence[dict[str, Any]] | None = None, *,
                        system: str | None = None, timeout: float | None = DEFAULT,
                        **sampling: Any) -> tuple[ClassifyResult, Iterator[ChatChunk]]:
-        """The original demo, streamed: the sentiment of ``text`` at once, and the reply to it
-        (after ``history``) as chunks. The one flow behind :meth:`analyze`, ``POST
-        /v1/tasks/analyze`` and the web UI's chat.
+        """The original demo, streamed: the sentiment of ``text``, then the reply to it (after
+        ``history``) as chunks; the reply's prompt is told the sentiment (the chat task's
+        ``mood`` lines), so a complaint is met with sympathy and good news with joy. The one flow
+        behind :meth:`analyze`, ``POST /v1/tasks/analyze`` and the web UI's chat.
 
         Raises:
             InvalidInputError: bad text, history or sampling options (no model call is made).

@@ -339,3 +339,11 @@ def test_the_page_has_both_tabs(tmp_path):
     assert {"chat-tab", "chat", "message", "send", "tasks-tab", "task", "task-text", "task-run",
             "task-label", "task-spans", "task-json"} <= ids
     ai.close()
+
+
+def test_the_tasks_tab_shows_a_label_coverage_warning():
+    ai = make_ai(positive=-9.0, negative=-9.5)  # labels the model would hardly say
+    (update,) = TaskHandlers(lambda: ai).run("sentiment", "The soup was cold.")
+    notes = shown(update)["notes"]
+    assert "label coverage 0.00" in notes and "may not fit" in notes
+    ai.close()

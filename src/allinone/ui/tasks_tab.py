@@ -131,6 +131,10 @@ def result_notes(result: Any, seconds: float) -> str:
         notes.append(f"{result.dropped} span(s) not found in the text were removed")
     if getattr(result, "repaired", False):
         notes.append("the model's JSON was repaired")
+    if getattr(result, "coverage", None) is not None:
+        notes.append(f"label coverage {result.coverage:.2f}")
+    if getattr(result, "warning", None):
+        notes.append(f"⚠️ {result.warning}")
     return " · ".join(notes)
 
 

@@ -148,10 +148,10 @@ class ClassifyKind(TaskKind):
                        calibrate=calibrate, max_input_tokens=limits.max_input_tokens)
 
     def applies(self, artifact: Artifact | None, req: Request) -> bool:
-        """Whether a learned artifact serves this request: fit for this label set, and no
-        prompt-path option (calibration) asked for."""
+        """Whether a learned artifact serves this request: fit for this label set (in any
+        order), and no prompt-path option (calibration) asked for."""
         return (artifact is not None and artifact.meta.get("kind") == self.name and not req.calibrate
-                and tuple(artifact.meta.get("labels", ())) == tuple(n for n, _ in req.labels))
+                and sorted(artifact.meta.get("labels", ())) == sorted(n for n, _ in req.labels))
 
     def compile(self, spec: "TaskSpec", req: Request, layout: str = "single",
                 artifact: Artifact | None = None) -> ClassifyTask:
