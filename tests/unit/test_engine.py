@@ -220,8 +220,13 @@ def test_a_batch_of_long_prompts_is_split_to_fit_the_kv_cache():
     backend = FakeBackend(label_logps={"a": -1.0})
     backend.kv = Pool()
     engine = Engine(backend, max_batch=8)
-    long_prompt = Prompt(raw="x" * 30)  # 30 tokens: at most 50 (half the cache) per batch -> one each
-    outs = [h.result() for h in engine.submit_all([ScoreJob(long_prompt, ("a",))] * 4)]
+    # 30 tokens each, nothing in common: at most 50 (half the cache) per batch -> one each
+    prompts = [Prompt(raw=c * 30) for c in "wxyz"]
+    outs = [h.result() for h in engine.submit_all([ScoreJob(p, ("a",)) for p in prompts])]
     assert [o.logprobs for o in outs] == [(-1.0,)] * 4
     assert backend.batches == [1, 1, 1, 1]
+    # 30 tokens each, 28 of them a shared task prefix: counted once, so they go together
+    shared = [Prompt(raw="p" * 28 + c * 2) for c in "wxyz"]
+    [h.result() for h in engine.submit_all([ScoreJob(p, ("a",)) for p in shared])]
+    assert backend.batches[-1] == 4
     engine.close()

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ..backends.kv_cache import common_prefix_len
 from ..errors import AllInOneError, OverloadedError, RequestTimeoutError
 from ..types import TextDelta
 from .jobs import EncodeJob, EncodeOutput, GenerateJob, Job, PromptInfo, ScoreJob, ScoreOutput, TokenizeJob
@@ -364,11 +365,18 @@ class Engine:
                 self._fail(task, exc)
         return ready
 
-    def _in_budget(self, ready: list, length) -> Iterator[list]:
+    def _in_budget(self, ready: list, ids_of) -> Iterator[list]:
         """``ready`` in groups whose prompts together take at most half of the KV cache (long
-        prompts together could overflow it)."""
+        prompts together could overflow it). A prompt's part shared with the first prompt (a
+        task's instructions and examples) is counted once: the backend keeps it once."""
         kv = getattr(self._backend, "kv", None)
         budget = max(1, kv.capacity_tokens // 2) if kv is not None else None
+        first = ids_of(ready[0]) if ready else []
+
+        def length(item) -> int:
+            ids = ids_of(item)
+            return len(ids) - common_prefix_len(first, ids) + 1
+
         while ready:
             size, total = 0, 0
             while size < len(ready) and (size == 0 or budget is None or total + length(ready[size]) <= budget):
@@ -386,7 +394,7 @@ class Engine:
             return fit_prompt(self._backend, job.prompt, reserve=max(map(len, conts)) - 1), conts
 
         layers = batch[0].job.layers
-        for group in self._in_budget(self._prepared(batch, prepare), lambda r: len(r[1][0].ids)):
+        for group in self._in_budget(self._prepared(batch, prepare), lambda r: r[1][0].ids):
             try:
                 scores, states = self._backend.score_batch_hidden(
                     [(fitted.ids, conts) for _, (fitted, conts) in group], layers)
@@ -409,7 +417,7 @@ class Engine:
             return fitted, fitted.ids[:end], start  # later tokens cannot change a causal state
 
         layers = batch[0].job.layers
-        for group in self._in_budget(self._prepared(batch, prepare), lambda r: len(r[1][1])):
+        for group in self._in_budget(self._prepared(batch, prepare), lambda r: r[1][1]):
             try:
                 states = self._backend.encode_batch([(ids, start) for _, (_, ids, start) in group], layers)
             except Exception as exc:
