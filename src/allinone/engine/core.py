@@ -375,8 +375,9 @@ class Engine:
 
         def length(item) -> int:
             ids = ids_of(item)
-            return len(ids) - common_prefix_len(first, ids) + 1
+            return len(ids) if item is ready_all[0] else len(ids) - common_prefix_len(first, ids) + 1
 
+        ready_all = list(ready)
         while ready:
             size, total = 0, 0
             while size < len(ready) and (size == 0 or budget is None or total + length(ready[size]) <= budget):
