@@ -1,0 +1,201 @@
+"""The same batch job on a Ray cluster, with Ray Data (the ``ray`` extra).
+
+The input is read as a Ray dataset, by a datasource over the very reader the local run uses
+(:meth:`~allinone.batch.io.Source.chunks`), one chunk per block, on the driver's node (so the
+input file need only be there). ``map_batches`` sends the blocks to a pool of actors; each actor
+loads the model once (its threads set from the CPUs it holds) and labels a block with
+:func:`~allinone.batch.runner.label_chunk`, the local run's function. The labelled blocks come
+back to the driver in input order and are committed by the local run's writer
+(:class:`~allinone.batch.io.Output`), so the output has the same rows, the same manifest, and
+resumes the same way (an interrupted Ray job, or a local one, can be finished by either).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+from ..errors import AllInOneError, InvalidInputError, MissingExtraError
+from ..settings import Settings
+from .columns import ERROR, Columns
+from .io import Chunk, Output, Source
+from .runner import DEFAULT_CHUNK_ROWS, BatchSummary, Job, Progress, drive, encode, job_identity, label_chunk
+
+try:  # the extra is optional: without it this module still imports, and run_on_ray says what is missing
+    import ray
+    from ray.data import Datasource, ReadTask
+    from ray.data.block import BlockMetadata
+except ImportError:  # pragma: no cover - exercised by the test that hides ray
+    ray = None
+    Datasource = object
+
+NO_RAY = "--ray needs Ray Data: pip install 'allinone[ray]'"
+
+
+def require_ray() -> None:
+    """Raises: MissingExtraError: Ray Data is not installed (the message names the extra)."""
+    if ray is None:
+        raise MissingExtraError(NO_RAY)
+
+
+def chunk_table(chunk: Chunk) -> Any:
+    """A parsed chunk as an Arrow table (one Ray block): row, id, text, error."""
+    import pyarrow as pa
+
+    return pa.table({"row": pa.array(range(chunk.start, chunk.start + len(chunk)), pa.int64()),
+                     "id": pa.array(chunk.ids, pa.string()), "text": pa.array(chunk.texts, pa.string()),
+                     "error": pa.array(chunk.errors, pa.string())})
+
+
+def table_chunk(table: Any) -> Chunk:
+    rows = table.column("row").to_pylist()
+    return Chunk(rows[0] if rows else 0, table.column("id").to_pylist(), table.column("text").to_pylist(),
+                 table.column("error").to_pylist())
+
+
+class InputDatasource(Datasource):
+    """The job's input from row ``start`` on, as blocks of ``chunk_rows`` parsed rows, read by
+    one task on the driver's node."""
+
+    def __init__(self, source: Source, start: int, chunk_rows: int, rows: int, size: int) -> None:
+        super().__init__()
+        self.source, self.start, self.chunk_rows, self.rows, self.size = source, start, chunk_rows, rows, size
+
+    def estimate_inmemory_data_size(self) -> int | None:
+        return self.size
+
+    def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None,
+                       data_context: Any = None) -> list[Any]:
+        source, start, chunk_rows = self.source, self.start, self.chunk_rows
+
+        def read() -> Iterator[Any]:
+            for chunk in source.chunks(start, chunk_rows):
+                yield chunk_table(chunk)
+
+        meta = BlockMetadata(num_rows=self.rows - start, size_bytes=self.size, exec_stats=None,
+                             input_files=[str(source.path)])
+        return [ReadTask(read, meta)]
+
+    @property
+    def supports_distributed_reads(self) -> bool:
+        return False  # the input is a file on the driver's machine
+
+
+class Labeler:
+    """A Ray actor of the pool: loads the model once, then labels one block per call."""
+
+    def __init__(self, loader: Callable[[Settings], Any], settings: Mapping[str, Any], job: Job) -> None:
+        options = dict(settings)
+        cpus = ray.get_runtime_context().get_assigned_resources().get("CPU")
+        if options.get("n_threads") is None and cpus:
+            options["n_threads"] = max(1, int(cpus))
+        options["request_timeout"] = None  # a block waits for its rows however long the queue
+        self.ai = loader(Settings(**options))
+        self.job = job
+
+    def __call__(self, table: Any) -> Any:
+        import pyarrow as pa
+
+        from .runner import peak_rss_mb
+
+        rows = label_chunk(self.ai, self.job, table_chunk(table))
+        lines, _, _ = encode(rows)
+        failed = [row[ERROR] is not None for row in rows]
+        return pa.table({"row": table.column("row"), "line": pa.array(lines, pa.string()),
+                         "failed": pa.array(failed, pa.bool_()),
+                         "rss_mb": pa.array([peak_rss_mb()] * len(lines), pa.float64())})
+
+
+def run_on_ray(task: str, input: str | Path, output: str | Path, *, settings: Settings,
+               loader: Callable[[Settings], Any], params: Mapping[str, Any] | None = None,
+               address: str | None = None, actors: int | None = None, cpus_per_actor: float = 1,
+               format: str | None = None, text_field: str = "text", id_field: str = "id", restart: bool = False,
+               chunk_rows: int = DEFAULT_CHUNK_ROWS, progress: Progress | None = None) -> BatchSummary:
+    """Run a batch job on a Ray cluster; see :meth:`AllInOne.batch_on_ray`.
+
+    Raises:
+        MissingExtraError: Ray Data is not installed.
+        UnknownTaskError / InvalidInputError / BatchConflictError: as for a local run, before
+            the cluster is used.
+        AllInOneError: an actor failed (the message says why); committed rows are kept.
+    """
+    require_ray()
+    from ..learn.artifacts import ArtifactStore
+    from ..models import default_cache_dir, resolve_model
+    from ..tasks import Limits, TaskRegistry, kind_of
+
+    started = time.perf_counter()
+    params = dict(params or {})
+    if actors is not None and actors < 1:
+        raise InvalidInputError("actors must be at least 1", param="actors")
+    if cpus_per_actor <= 0:
+        raise InvalidInputError("cpus per actor must be more than 0", param="cpus_per_actor")
+    source = Source.open(input, format, text_field=text_field, id_field=id_field)
+    out = Output(output)
+    registry = TaskRegistry(tasks_dir=settings.tasks_dir)
+    spec = registry.get(task)
+    kind_of(spec).request(spec, "x", params, Limits(max_input_tokens=settings.max_input_tokens,
+                                                    max_tokens_limit=settings.max_tokens_limit))
+    model = resolve_model(settings.model, cache_dir=settings.cache_dir).fingerprint()
+    artifact, _ = ArtifactStore(settings.cache_dir or default_cache_dir(), settings.tasks_dir).lookup(task, model)
+    job = Job(task, params, Columns.for_task(registry.describe(task), params), source, chunk_rows)
+    stats = source.scan()
+    identity = job_identity(job, stats, spec=spec, learned=artifact.summary() if artifact else None,
+                            model=model, settings=settings)
+    state = out.begin(identity, restart=restart)
+    if state.complete:
+        return drive(job, out, state, stats.rows, iter(()), progress=progress, started=started, actors=0)
+
+    started_here = not ray.is_initialized()
+    if started_here:
+        ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
+    try:
+        if actors is None:
+            actors = max(1, int(ray.cluster_resources().get("CPU", 1) // cpus_per_actor))
+        ctx = ray.data.DataContext.get_current()
+        ctx.execution_options.preserve_order = True  # the writer commits a prefix of the input
+        ctx.enable_progress_bars = False
+        peak = [0.0]
+        ds = ray.data.read_datasource(
+            InputDatasource(source, state.rows, chunk_rows, stats.rows, stats.size), num_cpus=0)
+        ds = ds.map_batches(Labeler, fn_constructor_kwargs={"loader": loader, "settings": settings.model_dump(),
+                                                            "job": job},
+                            batch_size=None, batch_format="pyarrow", concurrency=actors, num_cpus=cpus_per_actor)
+
+        def labelled() -> Iterator[tuple[list[str], int, int]]:
+            expected = state.rows
+            for table in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+                rows = table.column("row").to_pylist()
+                if rows != list(range(expected, expected + len(rows))):
+                    raise AllInOneError(f"Ray returned rows {rows[:1]}..{rows[-1:]} where row {expected} was due")
+                expected += len(rows)
+                failed = sum(table.column("failed").to_pylist())
+                peak[0] = max(peak[0], *table.column("rss_mb").to_pylist(), 0.0)
+                yield table.column("line").to_pylist(), len(rows) - failed, failed
+
+        try:
+            summary = drive(job, out, state, stats.rows, labelled(), progress=progress, started=started,
+                            actors=actors)
+        except Exception as exc:
+            raise _cause(exc) from None
+        return dataclasses.replace(summary, actor_peak_rss_mb=peak[0] or None)
+    finally:
+        if started_here:
+            ray.shutdown()
+
+
+def _cause(exc: BaseException) -> BaseException:
+    """The allinone error behind a Ray task failure (Ray wraps what an actor raised), else a
+    one-line error saying the Ray job failed."""
+    seen = exc
+    while seen is not None:
+        if isinstance(seen, AllInOneError):
+            return seen
+        cause = getattr(seen, "cause", None)
+        seen = cause if isinstance(cause, BaseException) else seen.__cause__
+    first = str(exc).strip().splitlines()
+    return AllInOneError(f"the Ray job failed: {type(exc).__name__}: {first[0] if first else ''}")
