@@ -43,23 +43,24 @@ def require_ray() -> None:
 
 
 def chunk_table(chunk: Chunk) -> Any:
-    """A parsed chunk as an Arrow table (one Ray block): row, id, text, error."""
+    """A parsed chunk as a one-row Arrow table: start, ids, texts, errors (lists)."""
     import pyarrow as pa
 
-    return pa.table({"row": pa.array(range(chunk.start, chunk.start + len(chunk)), pa.int64()),
-                     "id": pa.array(chunk.ids, pa.string()), "text": pa.array(chunk.texts, pa.string()),
-                     "error": pa.array(chunk.errors, pa.string())})
+    strings = pa.list_(pa.string())
+    return pa.table({"start": pa.array([chunk.start], pa.int64()), "ids": pa.array([chunk.ids], strings),
+                     "texts": pa.array([chunk.texts], strings), "errors": pa.array([chunk.errors], strings)})
 
 
-def table_chunk(table: Any) -> Chunk:
-    rows = table.column("row").to_pylist()
-    return Chunk(rows[0] if rows else 0, table.column("id").to_pylist(), table.column("text").to_pylist(),
-                 table.column("error").to_pylist())
+def table_chunks(table: Any) -> list[Chunk]:
+    """The chunks of a table of :func:`chunk_table` rows."""
+    return [Chunk(row["start"], row["ids"], row["texts"], row["errors"]) for row in table.to_pylist()]
 
 
 class InputDatasource(Datasource):
-    """The job's input from row ``start`` on, as blocks of ``chunk_rows`` parsed rows, read by
-    one task on the driver's node."""
+    """The job's input from row ``start`` on, read by one task on the driver's node. Each
+    dataset row is a whole chunk of ``chunk_rows`` parsed input rows: however Ray shapes its
+    blocks, an actor then labels exactly the chunks the local run labels, so the engine batches
+    the same texts together and the results are the same to the last bit."""
 
     def __init__(self, source: Source, start: int, chunk_rows: int, rows: int, size: int) -> None:
         super().__init__()
@@ -76,7 +77,7 @@ class InputDatasource(Datasource):
             for chunk in source.chunks(start, chunk_rows):
                 yield chunk_table(chunk)
 
-        meta = BlockMetadata(num_rows=self.rows - start, size_bytes=self.size, exec_stats=None,
+        meta = BlockMetadata(num_rows=-(-(self.rows - start) // chunk_rows), size_bytes=self.size, exec_stats=None,
                              input_files=[str(source.path)])
         return [ReadTask(read, meta)]
 
@@ -96,18 +97,23 @@ class Labeler:
         options["request_timeout"] = None  # a block waits for its rows however long the queue
         self.ai = loader(Settings(**options))
         self.job = job
+        self.node = ray.get_runtime_context().get_node_id()
 
     def __call__(self, table: Any) -> Any:
         import pyarrow as pa
 
         from .runner import peak_rss_mb
 
-        rows = label_chunk(self.ai, self.job, table_chunk(table))
-        lines, _, _ = encode(rows)
-        failed = [row[ERROR] is not None for row in rows]
-        return pa.table({"row": table.column("row"), "line": pa.array(lines, pa.string()),
-                         "failed": pa.array(failed, pa.bool_()),
-                         "rss_mb": pa.array([peak_rss_mb()] * len(lines), pa.float64())})
+        starts, lines, failed = [], [], []
+        for chunk in table_chunks(table):
+            rows = label_chunk(self.ai, self.job, chunk)
+            starts.append(chunk.start)
+            lines.append(encode(rows)[0])
+            failed.append(sum(row[ERROR] is not None for row in rows))
+        return pa.table({"start": pa.array(starts, pa.int64()), "lines": pa.array(lines, pa.list_(pa.string())),
+                         "failed": pa.array(failed, pa.int64()),
+                         "rss_mb": pa.array([peak_rss_mb()] * len(starts), pa.float64()),
+                         "node": pa.array([self.node] * len(starts), pa.string())})
 
 
 def run_on_ray(task: str, input: str | Path, output: str | Path, *, settings: Settings,
@@ -158,34 +164,48 @@ def run_on_ray(task: str, input: str | Path, output: str | Path, *, settings: Se
             actors = max(1, int(ray.cluster_resources().get("CPU", 1) // cpus_per_actor))
         ctx = ray.data.DataContext.get_current()
         ctx.execution_options.preserve_order = True  # the writer commits a prefix of the input
-        ctx.enable_progress_bars = False
-        peak = [0.0]
+        ctx.enable_progress_bars = False  # the command has its own bar
+        # a block per chunk: the driver commits each chunk as it comes back, and a kill loses
+        # at most the chunks in flight
+        ctx.target_max_block_size = 1
+        _quiet_console()
+        peak, nodes = [0.0], set()
         ds = ray.data.read_datasource(
             InputDatasource(source, state.rows, chunk_rows, stats.rows, stats.size), num_cpus=0)
         ds = ds.map_batches(Labeler, fn_constructor_kwargs={"loader": loader, "settings": settings.model_dump(),
                                                             "job": job},
-                            batch_size=None, batch_format="pyarrow", concurrency=actors, num_cpus=cpus_per_actor)
+                            batch_size=1, batch_format="pyarrow", num_cpus=cpus_per_actor,
+                            compute=ray.data.ActorPoolStrategy(size=actors))
 
         def labelled() -> Iterator[tuple[list[str], int, int]]:
             expected = state.rows
             for table in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-                rows = table.column("row").to_pylist()
-                if rows != list(range(expected, expected + len(rows))):
-                    raise AllInOneError(f"Ray returned rows {rows[:1]}..{rows[-1:]} where row {expected} was due")
-                expected += len(rows)
-                failed = sum(table.column("failed").to_pylist())
-                peak[0] = max(peak[0], *table.column("rss_mb").to_pylist(), 0.0)
-                yield table.column("line").to_pylist(), len(rows) - failed, failed
+                for row in table.to_pylist():
+                    if row["start"] != expected:
+                        raise AllInOneError(f"Ray returned the chunk of row {row['start']} where row {expected} was due")
+                    expected += len(row["lines"])
+                    peak[0] = max(peak[0], row["rss_mb"])
+                    nodes.add(row["node"])
+                    yield row["lines"], len(row["lines"]) - row["failed"], row["failed"]
 
         try:
             summary = drive(job, out, state, stats.rows, labelled(), progress=progress, started=started,
                             actors=actors)
         except Exception as exc:
             raise _cause(exc) from None
-        return dataclasses.replace(summary, actor_peak_rss_mb=peak[0] or None)
+        return dataclasses.replace(summary, actor_peak_rss_mb=peak[0] or None, nodes=len(nodes))
     finally:
         if started_here:
             ray.shutdown()
+
+
+def _quiet_console() -> None:
+    """Ray Data's own lines (execution plans, timings) go to its log file, not to the terminal
+    the command reports to; warnings still do."""
+    for handler in logging.getLogger("ray.data").handlers:
+        if not isinstance(handler, logging.FileHandler):
+            handler.setLevel(max(handler.level, logging.WARNING))
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "progress bars disabled": on purpose
 
 
 def _cause(exc: BaseException) -> BaseException:

@@ -57,6 +57,8 @@ class BatchSummary:
             included for Ray, whose actors load it); ``rows_per_s``: ``rows_run / elapsed_s``.
         peak_rss_mb: this process's peak resident memory in MB (VmHWM); for Ray, the driver's,
             and ``actor_peak_rss_mb`` the largest of the actors'.
+        actors / nodes: Ray only: the actors of the pool, and the nodes whose actors labelled
+            chunks in this run.
     """
 
     task: str
@@ -72,11 +74,12 @@ class BatchSummary:
     peak_rss_mb: float
     actors: int | None = None
     actor_peak_rss_mb: float | None = None
+    nodes: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
         if self.actors is None:
-            del out["actors"], out["actor_peak_rss_mb"]
+            del out["actors"], out["actor_peak_rss_mb"], out["nodes"]
         return out
 
 
