@@ -14,6 +14,7 @@ from typing import Annotated, Any, Optional
 import typer
 from pydantic import ValidationError
 from rich.console import Console
+from rich.markup import escape
 
 from .errors import AllInOneError, InvalidInputError
 from .types import SamplingParams
@@ -87,7 +88,8 @@ def _handle_errors(fn):
         try:
             return fn(*args, **kwargs)
         except AllInOneError as exc:
-            err.print(f"[red]error:[/red] {exc.message}", highlight=False)
+            # escaped: a message may hold brackets ("pip install 'allinone[ray]'"), not markup
+            err.print(f"[red]error:[/red] {escape(exc.message)}", highlight=False)
             raise typer.Exit(2 if exc.status_code < 500 else 1) from None
         except ValidationError as exc:
             first = exc.errors()[0]
