@@ -11,6 +11,7 @@ give the same rows.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import resource
 import time
@@ -127,12 +128,22 @@ def job_identity(job: Job, stats: InputStats, *, spec: "TaskSpec", learned: Mapp
     return {
         "input": {"sha256": stats.sha256, "size": stats.size, "rows": stats.rows, "format": src.format,
                   "text_field": src.text_field, "id_field": src.id_field},
-        "task": {"name": job.task, "declaration": spec.model_dump(mode="json"),
-                 "learned": {k: v for k, v in learned.items() if k != "path"} if learned else None},
+        "task": {"name": job.task, "declaration": spec.model_dump(mode="json"), "learned": _learned(learned)},
         "params": dict(job.params),
         "model": {"model": model, "backend": settings.backend, "dtype": settings.dtype, "n_ctx": settings.n_ctx,
                   "max_input_tokens": settings.max_input_tokens, "max_input_chars": settings.max_input_chars},
     }
+
+
+def _learned(summary: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """What a task learned, by content: its summary (method, data, figures) and the SHA-256 of
+    the artifact file (its place may differ between machines, its weights may not)."""
+    if not summary:
+        return None
+    out = {k: v for k, v in summary.items() if k != "path"}
+    if summary.get("path"):
+        out["sha256"] = hashlib.sha256(Path(summary["path"]).read_bytes()).hexdigest()
+    return out
 
 
 def peak_rss_mb() -> float:
