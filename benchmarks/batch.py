@@ -166,8 +166,11 @@ class Bench:
     def ray_cluster(self):
         port = free_port()
         temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths must fit in 107 bytes
-        env = {**self.env, "RAY_USAGE_STATS_ENABLED": "0"}
+        # without token authentication (seen with Ray 2.60: once ~/.ray/auth_token exists, `ray
+        # start` heads want the token and drivers send none); the batch commands get it too
+        env = {**self.env, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
         env.pop("RAY_ADDRESS", None)
+        self.env = {**self.env, "RAY_AUTH_MODE": "disabled"}
         proc = subprocess.Popen([sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block",
                                  f"--port={port}", f"--num-cpus={self.args.threads}", "--node-ip-address=127.0.0.1",
                                  "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={temp}"],

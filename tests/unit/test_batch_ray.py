@@ -77,8 +77,16 @@ def cluster():
     temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths must fit in 107 bytes
     port = free_port()
     address = f"127.0.0.1:{port}"
+    # without token authentication: seen with Ray 2.60, once ~/.ray/auth_token exists (ray.init()
+    # writes it when it starts a local cluster), `ray start` heads want the token, drivers send none
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("RAY_AUTH_MODE", "disabled")
+        mp.delenv("RAY_ADDRESS", raising=False)
+        yield from _cluster(temp, port, address)
+
+
+def _cluster(temp: str, port: int, address: str):
     env = {**os.environ, "PYTHONPATH": SRC, "RAY_USAGE_STATS_ENABLED": "0"}
-    env.pop("RAY_ADDRESS", None)
     start = [sys.executable, "-m", "ray.scripts.scripts", "start", "--block", "--num-cpus=1",
              "--node-ip-address=127.0.0.1", "--object-store-memory=80000000", "--disable-usage-stats"]
     procs = [subprocess.Popen([*start, "--head", f"--port={port}", "--include-dashboard=false", f"--temp-dir={temp}"],
