@@ -329,8 +329,7 @@ def batch(
     from .batch.io import Output, Source
 
     _registry(options).get(task)  # an unknown task or a bad input fails before the model loads
-    Source.open(input, format, text_field=text_field, id_field=id_field)
-    Output(output)
+    Output(output).check_input(Source.open(input, format, text_field=text_field, id_field=id_field).path)
     params = {**_params(param), "labels": _names(labels), "types": _names(types), "lang": lang,
               "calibrate": calibrate, "max_tokens": max_tokens, "temperature": temperature}
     params = {k: v for k, v in params.items() if v is not None}

@@ -302,3 +302,33 @@ def test_ray_without_the_extra_names_it(tmp_path, tasks_dir):
     assert proc.returncode == 1, proc.stderr
     assert "--ray needs Ray Data: pip install 'allinone[ray]'" in proc.stderr
     assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_a_second_run_of_the_same_job_at_once_is_refused(make, tmp_path):
+    src = write(tmp_path / "in.jsonl", "jsonl")
+    out = tmp_path / "out.jsonl"
+    seen = []
+
+    def meanwhile(done, total):
+        if done == 4 and not seen:  # the first run holds the job: a second one must not touch it
+            with pytest.raises(BatchConflictError, match="another process is running the job"):
+                make().batch("t", src, out, chunk_rows=4)
+            seen.append(done)
+
+    summary = make().batch("t", src, out, chunk_rows=4, progress=meanwhile)
+    assert seen == [4] and summary.rows == len(ROWS) and [r["id"] for r in read(out)] == [i for i, _ in ROWS]
+    assert not (tmp_path / "out.jsonl.lock").exists()  # the finished job lets it go
+
+
+def test_the_output_may_not_be_the_input(make, tmp_path):
+    src = write(tmp_path / "in.jsonl", "jsonl")
+    with pytest.raises(InvalidInputError, match="would overwrite the input"):
+        make().batch("t", src, src, restart=True)
+    assert len(read(src)) == len(ROWS)
+
+
+def test_a_csv_that_is_not_csv_is_a_clear_error(make, tmp_path):
+    src = tmp_path / "in.csv"
+    src.write_text("id,text\n1,fine\n2,too,many,fields\n", encoding="utf-8")
+    with pytest.raises(InvalidInputError, match=r"in\.csv: cannot read it as CSV: .*Expected 2 columns, got 4"):
+        make().batch("t", src, tmp_path / "out.jsonl")

@@ -13,7 +13,8 @@ one committed chunk at a time (write, flush, fsync), and only then does a small 
 (``<output>.progress.json``, replaced atomically) count them. A restart cuts the staging file back
 to what the manifest counts, so a half-written chunk is never kept. The final file (``<output>``,
 JSONL or Parquet) appears only when every row is in: JSONL by renaming the staging file, Parquet
-by converting it in slices (memory stays flat).
+by converting it in slices (memory stays flat). While a job runs it holds ``<output>.lock``, so
+the same command started twice at once cannot write the same files.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import hashlib
 import json
 import os
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -161,13 +163,24 @@ class Source:
             for block in iter(lambda: fh.read(1 << 20), b""):
                 digest.update(block)
                 size += len(block)
-        if self.format == "parquet":
-            import pyarrow.parquet as pq
+        with self._readable():
+            if self.format == "parquet":
+                import pyarrow.parquet as pq
 
-            rows = pq.ParquetFile(self.path).metadata.num_rows
-        else:
-            rows = sum(batch.num_rows for batch in self._csv_batches(columns=[self.text_field]))
+                rows = pq.ParquetFile(self.path).metadata.num_rows
+            else:
+                rows = sum(batch.num_rows for batch in self._csv_batches(columns=[self.text_field]))
         return InputStats(size, digest.hexdigest(), rows)
+
+    @contextmanager
+    def _readable(self) -> Iterator[None]:
+        """pyarrow's errors on a file that is not its format, as the caller's error naming the file."""
+        import pyarrow as pa
+
+        try:
+            yield
+        except (pa.ArrowInvalid, OSError) as exc:
+            raise InvalidInputError(f"{self.path}: cannot read it as {self.format.upper()}: {exc}", param="input") from None
 
     def chunks(self, start: int = 0, rows: int = 256) -> Iterator[Chunk]:
         """The rows from number ``start`` on, ``rows`` at a time (the last chunk may be shorter).
@@ -181,12 +194,8 @@ class Source:
         if self.format == "jsonl":
             yield from self._jsonl_chunks(start, rows)
             return
-        import pyarrow as pa
-
-        try:
+        with self._readable():
             yield from self._table_chunks(start, rows)
-        except (pa.ArrowInvalid, OSError) as exc:
-            raise InvalidInputError(f"{self.path}: cannot read it as {self.format.upper()}: {exc}", param="input") from None
 
     # -- JSONL ----------------------------------------------------------------------------
     def _jsonl_chunks(self, start: int, rows: int) -> Iterator[Chunk]:
@@ -303,9 +312,9 @@ class State:
 
 
 class Output:
-    """The output of one job (see the module docstring): the final file, its staging file and
-    its manifest. ``begin`` checks the job against the manifest, ``commit`` appends a chunk,
-    ``finish`` writes the final file."""
+    """The output of one job (see the module docstring): the final file, its staging file, its
+    manifest and its lock. ``begin`` takes the lock and checks the job against the manifest,
+    ``commit`` appends a chunk, ``finish`` writes the final file, ``close`` lets go of the lock."""
 
     def __init__(self, path: str | Path, format: str | None = None) -> None:
         self.path = Path(path)
@@ -314,10 +323,19 @@ class Output:
             require_pyarrow("writing Parquet")
         self.staging = self.path.with_name(self.path.name + ".partial")
         self.manifest = self.path.with_name(self.path.name + ".progress.json")
+        self.lock = self.path.with_name(self.path.name + ".lock")
         self._job: dict[str, Any] = {}
         self._state = State()
         self._bytes = 0
         self._fh: Any = None
+        self._lock_fd: int | None = None
+
+    def check_input(self, path: Path) -> None:
+        """Raises: InvalidInputError: one of the output's files is the input file."""
+        here = path.resolve()
+        for p in (self.path, self.staging, self.manifest, self.lock):
+            if p.resolve() == here:
+                raise InvalidInputError(f"the output {self.path} would overwrite the input {path}", param="output")
 
     def begin(self, job: dict[str, Any], *, restart: bool = False) -> State:
         """Start the job, or pick it up where the manifest says it stopped.
@@ -331,14 +349,37 @@ class Output:
 
         Raises:
             BatchConflictError: the manifest belongs to another job (naming what changed), or the
-                output exists without a manifest; unless ``restart``.
+                output exists without a manifest, unless ``restart``; or another process runs
+                the job now.
         """
         job = json.loads(json.dumps(job, sort_keys=True, default=str))
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._acquire()
+        try:
+            return self._begin(job, restart)
+        except BaseException:
+            self.close()
+            raise
+
+    def _acquire(self) -> None:
+        """Hold ``<output>.lock`` for the job's life: a second run of the same job at the same
+        time would cut the staging file under the first."""
+        import fcntl
+
+        fd = os.open(self.lock, os.O_CREAT | os.O_RDWR, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise BatchConflictError(f"another process is running the job of {self.path} (it holds "
+                                     f"{self.lock.name}); wait for it or stop it") from None
+        self._lock_fd = fd
+
+    def _begin(self, job: dict[str, Any], restart: bool) -> State:
         if restart:
             for p in (self.path, self.staging, self.manifest):
                 p.unlink(missing_ok=True)
         saved = self._read_manifest()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         if saved is None:
             if self.path.exists() or self.staging.exists():
                 raise BatchConflictError(f"{self.path} exists and no batch job's manifest ({self.manifest.name}) is "
@@ -383,7 +424,7 @@ class Output:
         Args:
             columns: the job's :class:`~allinone.batch.columns.Columns` (the Parquet schema).
         """
-        self.close()
+        self._close_staging()
         self._state.complete = True
         self._write_manifest()
         if self.staging.exists():
@@ -398,6 +439,15 @@ class Output:
         return State(**vars(self._state))
 
     def close(self) -> None:
+        """Close the staging file and let go of the lock (removed once the job is complete)."""
+        self._close_staging()
+        if self._lock_fd is not None:
+            if self._state.complete:
+                self.lock.unlink(missing_ok=True)
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def _close_staging(self) -> None:
         if self._fh is not None:
             self._fh.close()
             self._fh = None

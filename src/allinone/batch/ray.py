@@ -142,6 +142,7 @@ def run_on_ray(task: str, input: str | Path, output: str | Path, *, settings: Se
         raise InvalidInputError("cpus per actor must be more than 0", param="cpus_per_actor")
     source = Source.open(input, format, text_field=text_field, id_field=id_field)
     out = Output(output)
+    out.check_input(source.path)
     registry = TaskRegistry(tasks_dir=settings.tasks_dir)
     spec = registry.get(task)
     kind_of(spec).request(spec, "x", params, Limits(max_input_tokens=settings.max_input_tokens,
@@ -157,12 +158,17 @@ def run_on_ray(task: str, input: str | Path, output: str | Path, *, settings: Se
         return drive(job, out, state, stats.rows, iter(()), progress=progress, started=started, actors=0)
 
     started_here = not ray.is_initialized()
-    if started_here:
-        ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
+    ctx = saved = None
     try:
+        if started_here:
+            try:
+                ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
+            except (ConnectionError, RuntimeError, ValueError) as exc:
+                raise AllInOneError(f"cannot reach the Ray cluster at {address or 'RAY_ADDRESS/auto'}: {exc}") from None
         if actors is None:
             actors = max(1, int(ray.cluster_resources().get("CPU", 1) // cpus_per_actor))
         ctx = ray.data.DataContext.get_current()
+        saved = (ctx.execution_options.preserve_order, ctx.enable_progress_bars, ctx.target_max_block_size)
         ctx.execution_options.preserve_order = True  # the writer commits a prefix of the input
         ctx.enable_progress_bars = False  # the command has its own bar
         # a block per chunk: the driver commits each chunk as it comes back, and a kill loses
@@ -195,7 +201,10 @@ def run_on_ray(task: str, input: str | Path, output: str | Path, *, settings: Se
             raise _cause(exc) from None
         return dataclasses.replace(summary, actor_peak_rss_mb=peak[0] or None, nodes=len(nodes))
     finally:
-        if started_here:
+        out.close()
+        if saved is not None:  # this process's Ray Data settings, as they were
+            ctx.execution_options.preserve_order, ctx.enable_progress_bars, ctx.target_max_block_size = saved
+        if started_here and ray.is_initialized():
             ray.shutdown()
 
 

@@ -158,6 +158,7 @@ def run_batch(ai: "AllInOne", task: str, input: str | Path, output: str | Path, 
     started = time.perf_counter()
     source = Source.open(input, format, text_field=text_field, id_field=id_field)
     out = Output(output)
+    out.check_input(source.path)
     ai.run_many(task, [], **params)  # an unknown task or bad parameters fail before the input is read
     description = ai.describe_task(task)
     job = Job(task, dict(params), Columns.for_task(description, params), source, chunk_rows)
