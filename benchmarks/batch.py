@@ -230,6 +230,9 @@ def run(args: argparse.Namespace, tmp: Path) -> dict:
             src = bench.write_rows(bench.tmp / f"rows{n}.jsonl", n, texts)
             report.setdefault("rss", []).append(bench.batch(src, bench.tmp / f"rows{n}.jsonl.out.jsonl", *threads))
             src.unlink()
+            rate = report["rss"][0]["rows_per_s"]
+            if n == args.rss_small and rate > 0:
+                step(f"at {rate:.1f} rows/s the {args.rss_rows:,}-row run takes about {args.rss_rows / rate / 3600:.1f} h")
     return report
 
 
