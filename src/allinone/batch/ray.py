@@ -1,10 +1,10 @@
 """The same batch job on a Ray cluster, with Ray Data (the ``ray`` extra).
 
 The input is read as a Ray dataset, by a datasource over the very reader the local run uses
-(:meth:`~allinone.batch.io.Source.chunks`), one chunk per block, on the driver's node (so the
-input file need only be there). ``map_batches`` sends the blocks to a pool of actors; each actor
-loads the model once (its threads set from the CPUs it holds) and labels a block with
-:func:`~allinone.batch.runner.label_chunk`, the local run's function. The labelled blocks come
+(:meth:`~allinone.batch.io.Source.chunks`), one chunk per dataset row, on the driver's node (so
+the input file need only be there). ``map_batches`` sends the chunks to a pool of actors; each
+actor loads the model once (its threads set from the CPUs it holds) and labels a chunk with
+:func:`~allinone.batch.runner.label_chunk`, the local run's function. The labelled chunks come
 back to the driver in input order and are committed by the local run's writer
 (:class:`~allinone.batch.io.Output`), so the output has the same rows, the same manifest, and
 resumes the same way (an interrupted Ray job, or a local one, can be finished by either).
@@ -23,7 +23,17 @@ from ..errors import AllInOneError, InvalidInputError, MissingExtraError
 from ..settings import Settings
 from .columns import ERROR, Columns
 from .io import Chunk, Output, Source
-from .runner import DEFAULT_CHUNK_ROWS, BatchSummary, Job, Progress, drive, encode, job_identity, label_chunk
+from .runner import (
+    DEFAULT_CHUNK_ROWS,
+    BatchSummary,
+    Job,
+    Progress,
+    drive,
+    encode,
+    job_identity,
+    label_chunk,
+    peak_rss_mb,
+)
 
 try:  # the extra is optional: without it this module still imports, and run_on_ray says what is missing
     import ray
@@ -87,7 +97,8 @@ class InputDatasource(Datasource):
 
 
 class Labeler:
-    """A Ray actor of the pool: loads the model once, then labels one block per call."""
+    """A Ray actor of the pool: loads the model once, then labels the chunks of each batch it
+    is given (one, with ``batch_size=1``)."""
 
     def __init__(self, loader: Callable[[Settings], Any], settings: Mapping[str, Any], job: Job) -> None:
         options = dict(settings)
@@ -101,8 +112,6 @@ class Labeler:
 
     def __call__(self, table: Any) -> Any:
         import pyarrow as pa
-
-        from .runner import peak_rss_mb
 
         starts, lines, failed = [], [], []
         for chunk in table_chunks(table):
