@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 DATA   ?= ../shared/data
-EXTRAS ?= embedded,llamacpp,transformers,server,fit,test
+EXTRAS ?= embedded,llamacpp,transformers,server,fit,batch,ray,test
 export HF_HUB_OFFLINE ?= 1
 
 .PHONY: demo test lint install browser screenshots clean

@@ -12,7 +12,7 @@ import logging
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .engine import DEFAULT, Engine, EngineStats, GenerationStream, ModelInfo, collect
 from .errors import AllInOneError, InvalidInputError
@@ -22,6 +22,9 @@ from .results import AnalyzeResult, ChatChunk, ChatResult, ClassifyResult, TaskR
 from .settings import Settings
 from .tasks import ChatProfile, ChatRequest, Limits, Request, TaskKind, TaskRegistry, TaskSpec, kind_of, reply_chunks
 from .types import SamplingParams, check_text
+
+if TYPE_CHECKING:
+    from .batch import BatchSummary
 
 log = logging.getLogger(__name__)
 #: the task ``analyze`` labels a message with when no tasks are named
@@ -476,6 +479,72 @@ class AllInOne:
             for k, result in self._drive(chunk, timeout, isolate=True).items():
                 out[k] = result
         return out
+
+    def batch(self, task: str, input: str | Path, output: str | Path, *, format: str | None = None,
+              text_field: str = "text", id_field: str = "id", restart: bool = False, chunk_rows: int = 256,
+              progress: Callable[[int, int | None], None] | None = None, **params: Any) -> "BatchSummary":
+        """Run ``task`` on every row of a file and write the results, resumably (:mod:`allinone.batch`).
+
+        The input (JSONL, CSV or Parquet, by extension or ``format``) is read ``chunk_rows`` rows at
+        a time; each chunk goes through :meth:`run_many` (micro-batched) and is committed to
+        ``output`` (``.jsonl`` or ``.parquet``) before the next. Each output row is the input
+        row's ``id`` (the ``id_field``'s value as text, else the row number from 0), the result's
+        fields as columns (classify: ``label``, ``scores`` per label...; extract: the fields of
+        ``data`` such as ``entities``; generate: ``text``...) and ``error``: a row that cannot be
+        used (not JSON, no text, empty, too long) gets its error and the job goes on. Call again
+        with the same arguments after a crash or a kill: the rows already committed are kept and
+        not computed again. The finished file appears at ``output`` when every row is in; its
+        manifest ``<output>.progress.json`` stays next to it.
+
+        Args:
+            task: any task (classify, extract, generate, learned).
+            input / output: the files. ``format``: the input's, when its extension does not say.
+            text_field / id_field: the input's text and id fields (columns).
+            restart: drop an earlier output of ``output`` and start over.
+            progress: called with (rows done, rows in all) after every chunk.
+            **params: the task's parameters, as for :meth:`run`.
+
+        Returns:
+            A :class:`~allinone.batch.BatchSummary`: rows ok and failed, rows/s, elapsed seconds, peak RSS.
+
+        Raises:
+            UnknownTaskError / InvalidInputError: an unknown task, bad parameters, a missing or
+                unreadable input; nothing is written.
+            BatchConflictError: ``output`` belongs to another job (the input, task, parameters or
+                model changed) or is not a batch job's output; unless ``restart``.
+            MissingExtraError: CSV or Parquet without pyarrow (the ``batch`` extra).
+        """
+        from .batch.runner import run_batch
+
+        return run_batch(self, task, input, output, format=format, text_field=text_field, id_field=id_field,
+                         restart=restart, chunk_rows=chunk_rows, progress=progress, **params)
+
+    @classmethod
+    def batch_on_ray(cls, task: str, input: str | Path, output: str | Path, *,
+                     params: Mapping[str, Any] | None = None, address: str | None = None, actors: int | None = None,
+                     cpus_per_actor: float = 1, format: str | None = None, text_field: str = "text",
+                     id_field: str = "id", restart: bool = False, chunk_rows: int = 256,
+                     progress: Callable[[int, int | None], None] | None = None,
+                     **options: Any) -> "BatchSummary":
+        """:meth:`batch` on a Ray cluster (the ``ray`` extra): the same rows, file and resume.
+
+        Nothing is loaded here: each of ``actors`` Ray actors (default: the cluster's CPUs /
+        ``cpus_per_actor``) loads the model once, from ``**options`` (any :class:`Settings`
+        field: ``model``, ``tasks_dir``...), with ``cpus_per_actor`` threads unless ``n_threads``
+        is given. ``address``: the cluster (``"auto"``, ``"host:6379"``, ``"ray://..."``); by
+        default ``RAY_ADDRESS``, else the cluster started on this machine, else a new local one.
+        ``params``: the task's parameters. See ``docs/scale-out.md``.
+
+        Raises:
+            MissingExtraError: Ray Data is not installed.
+            the errors of :meth:`batch`, before the cluster is used; AllInOneError: an actor failed.
+        """
+        from .batch.ray import run_on_ray
+
+        return run_on_ray(task, input, output, settings=Settings(**options), loader=cls.from_settings, params=params,
+                          address=address, actors=actors, cpus_per_actor=cpus_per_actor, format=format,
+                          text_field=text_field, id_field=id_field, restart=restart, chunk_rows=chunk_rows,
+                          progress=progress)
 
     def _stream(self, kind: TaskKind, compiled: Any, text: str, req: Request,
                 timeout: float | None) -> Iterator[ChatChunk]:

@@ -14,6 +14,7 @@ from typing import Annotated, Any, Optional
 import typer
 from pydantic import ValidationError
 from rich.console import Console
+from rich.markup import escape
 
 from .errors import AllInOneError, InvalidInputError
 from .types import SamplingParams
@@ -87,7 +88,8 @@ def _handle_errors(fn):
         try:
             return fn(*args, **kwargs)
         except AllInOneError as exc:
-            err.print(f"[red]error:[/red] {exc.message}", highlight=False)
+            # escaped: a message may hold brackets ("pip install 'allinone[ray]'"), not markup
+            err.print(f"[red]error:[/red] {escape(exc.message)}", highlight=False)
             raise typer.Exit(2 if exc.status_code < 500 else 1) from None
         except ValidationError as exc:
             first = exc.errors()[0]
@@ -298,6 +300,75 @@ def run(
 @app.command()
 @_handle_errors
 @with_settings()
+def batch(
+    task: Annotated[str, typer.Argument(help="the task's name (see `allinone tasks`)")],
+    input: Annotated[Path, typer.Option("--input", "-i", help="JSONL, CSV or Parquet rows")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="results: .jsonl or .parquet")],
+    format: Annotated[Optional[str], typer.Option("--format", help="the input's format when its extension does not say: jsonl, csv, parquet")] = None,
+    text_field: Annotated[str, typer.Option(help="the input's text field (column)")] = "text",
+    id_field: Annotated[str, typer.Option(help="the input's id field (column); without one, a row's id is its number from 0")] = "id",
+    labels: Annotated[Optional[str], typer.Option(help="classify: the label set, comma-separated")] = None,
+    types: Annotated[Optional[str], typer.Option(help="span tasks: the types, comma-separated")] = None,
+    lang: Annotated[Optional[str], typer.Option(help="prompt language: auto, en, zh ...")] = None,
+    calibrate: Annotated[Optional[bool], typer.Option("--calibrate/--no-calibrate", help="classify: contextual calibration")] = None,
+    max_tokens: Annotated[Optional[int], typer.Option(help="extract/generate: answer budget")] = None,
+    temperature: Annotated[Optional[float], typer.Option(help="extract/generate: 0 = greedy")] = None,
+    param: Annotated[Optional[list[str]], typer.Option("--param", "-p", help="any other task parameter, KEY=VALUE (repeatable)")] = None,
+    restart: Annotated[bool, typer.Option("--restart", help="drop an earlier output of OUTPUT (of another job too) and start over")] = False,
+    chunk_rows: Annotated[int, typer.Option(help="rows per committed chunk (the most work a kill can lose)")] = 256,
+    ray: Annotated[bool, typer.Option("--ray", help="run on a Ray cluster (extra: allinone[ray]): RAY_ADDRESS, else the one started here, else a new local one")] = False,
+    ray_address: Annotated[Optional[str], typer.Option(help="run on the Ray cluster at this address (auto, HOST:PORT); implies --ray")] = None,
+    actors: Annotated[Optional[int], typer.Option(help="Ray: actors, each with its own model (default: the cluster's CPUs / --cpus-per-actor)")] = None,
+    cpus_per_actor: Annotated[float, typer.Option(help="Ray: CPUs (and threads) per actor")] = 1.0,
+    as_json: JsonOpt = False, options: Optional[dict] = None,
+) -> None:
+    """Run TASK on every row of a file, resumably: run the same command again after a crash or a
+    kill and it goes on where it stopped. Bad rows get an `error` and are counted; the job goes on."""
+    from tqdm import tqdm
+
+    from .batch.io import Output, Source
+
+    _registry(options).get(task)  # an unknown task or a bad input fails before the model loads
+    Output(output).check_input(Source.open(input, format, text_field=text_field, id_field=id_field).path)
+    params = {**_params(param), "labels": _names(labels), "types": _names(types), "lang": lang,
+              "calibrate": calibrate, "max_tokens": max_tokens, "temperature": temperature}
+    params = {k: v for k, v in params.items() if v is not None}
+    bar = None
+
+    def progress(done: int, total: Optional[int]) -> None:
+        nonlocal bar
+        if bar is None:
+            bar = tqdm(total=total, initial=done, desc=f"batch {task}", unit="row", file=sys.stderr, disable=None,
+                       dynamic_ncols=True)
+        bar.update(done - bar.n)
+
+    common = {"format": format, "text_field": text_field, "id_field": id_field, "restart": restart,
+              "chunk_rows": chunk_rows, "progress": progress}
+    try:
+        if ray or ray_address:
+            from .api import AllInOne
+
+            summary = AllInOne.batch_on_ray(task, input, output, params=params, address=ray_address, actors=actors,
+                                            cpus_per_actor=cpus_per_actor, **common, **options)
+        else:
+            with _load(options, request_timeout=None) as ai:
+                summary = ai.batch(task, input, output, **common, **params)
+    finally:
+        if bar is not None:
+            bar.close()
+    if as_json:
+        _dump(summary.to_dict())
+        return
+    where = f" on {summary.actors} Ray actor(s)" if summary.actors else ""
+    resumed = f", {summary.resumed_from} committed before" if summary.resumed_from else ""
+    print(f"{summary.output}: {summary.rows} rows ({summary.rows_ok} ok, {summary.rows_failed} failed{resumed}); "
+          f"{summary.rows_run} computed in {summary.elapsed_s:.1f} s{where}, {summary.rows_per_s:.2f} rows/s, "
+          f"peak RSS {summary.peak_rss_mb:.0f} MB")
+
+
+@app.command()
+@_handle_errors
+@with_settings()
 def tasks(as_json: JsonOpt = False, options: Optional[dict] = None) -> None:
     """List the tasks: built-ins plus those in the tasks folder, and how the model serves each
     (prompt, or what it learned; with --json: also the input/output schemas and the data it was fit on)."""
@@ -495,3 +566,7 @@ def serve(
 
 def main() -> None:  # pragma: no cover
     app()
+
+
+if __name__ == "__main__":  # python -m allinone.cli
+    main()

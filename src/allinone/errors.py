@@ -133,3 +133,20 @@ class CancelledError(AllInOneError):
 
     status_code = 499
     code = "cancelled"
+
+
+class MissingExtraError(AllInOneError):
+    """An optional feature's library is not installed; the message names the extra to install
+    (e.g. ``pip install 'allinone[ray]'``)."""
+
+    status_code = 500
+    code = "missing_extra"
+
+
+class BatchConflictError(AllInOneError):
+    """A batch job's output belongs to another job (a changed input, task, parameters or model),
+    or is a file no batch job wrote; nothing is overwritten unless the job is restarted."""
+
+    status_code = 409
+    code = "batch_conflict"
+    error_type = "invalid_request_error"

@@ -228,7 +228,10 @@ class ClassifyKind(TaskKind):
             "label": label,
             "scores": {"type": "object", "additionalProperties": {"type": "number"},
                        "description": "label -> probability; they sum to 1"},
-            "truncated": {"type": "boolean"}}, "required": ["label", "scores", "truncated"]}
+            "truncated": {"type": "boolean"},
+            "coverage": {"type": ["number", "null"], "description": "the labels' share of the model's probability"},
+            "warning": {"type": ["string", "null"], "description": "set when coverage is low"}},
+            "required": ["label", "scores", "truncated"]}
 
     def describe(self, spec: "TaskSpec") -> dict[str, Any]:
         return {"labels": [lab.name for lab in spec.labels]}
