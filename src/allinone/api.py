@@ -384,6 +384,9 @@ class AllInOne:
         hit = self._artifacts.get(spec.name)
         if hit is not None and hit[0] == id(spec):
             return hit[1], hit[2]
+        if not self.settings.learned:
+            self._artifacts[spec.name] = (id(spec), None, "learned artifacts are off (learned=false): prompting")
+            return None, self._artifacts[spec.name][2]
         artifact, note = self.artifacts.lookup(spec.name, self.model_sha256)
         if note and artifact is None and self.model_sha256 is not None:
             log.warning("task %s: %s", spec.name, note)

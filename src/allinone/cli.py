@@ -408,7 +408,8 @@ def fit(
     data: Annotated[list[Path], typer.Option("--data", "-d", help="JSONL rows with 'text' and 'label' (repeatable)")],
     method: Annotated[str, typer.Option(help="auto (best by cross-validation); classify: calibrate, head or head+logprobs; span tasks: tagger")] = "auto",
     limit: Annotated[Optional[int], typer.Option(help="only the first N rows of each file")] = None,
-    augment: Annotated[bool, typer.Option("--augment/--no-augment", help="also train on copies with an instruction appended")] = True,
+    augment: Annotated[bool, typer.Option("--augment/--no-augment", help="classify: also train on copies with an instruction appended")] = True,
+    split_chars: Annotated[Optional[bool], typer.Option("--split-chars/--no-split-chars", help="span tasks: one token per character (default: when most rows are CJK)")] = None,
     as_json: JsonOpt = False, options: Optional[dict] = None,
 ) -> None:
     """Learn TASK from labelled rows: every method is scored by cross-validation on the rows, the
@@ -430,7 +431,8 @@ def fit(
         bar.update(done - bar.n)
 
     try:
-        report = ai.fit(task, data, method=method, limit=limit, augment=augment, progress=progress)
+        report = ai.fit(task, data, method=method, limit=limit, augment=augment, split_chars=split_chars,
+                        progress=progress)
     finally:
         bar.close()
     if as_json:

@@ -40,6 +40,7 @@ class Settings(BaseSettings):
 
     # tasks
     tasks_dir: Path | None = Field(None, description="a folder of task declarations (*.toml) added to the built-ins")
+    learned: bool = Field(True, description="serve tasks with what they learned (allinone fit); off: prompting only")
 
     # limits
     max_input_tokens: int = Field(1024, ge=16, description="classification input budget in tokens; longer text is cut")

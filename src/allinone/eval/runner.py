@@ -128,7 +128,8 @@ def evaluate(ai: "AllInOne", task: str, data: str | Path, *, limit: int | None =
     kind = metric_kind(spec, rows[0])
     everything = all_rows if all_rows is not None else load_jsonl(data, require=("text",))
     params = dict(params or {})
-    report: dict[str, Any] = {"task": task, "data": str(data), "model": ai.model_id, "backend": ai.backend_name}
+    report: dict[str, Any] = {"task": task, "data": str(data), "model": ai.model_id, "backend": ai.backend_name,
+                              "method": ai.describe_task(task)["method"]}
 
     if kind == "classify":
         if labels:
