@@ -257,8 +257,9 @@ class AllInOne:
             limit: only the first ``limit`` rows of each file.
             augment: classify tasks: also train on copies of 30% of the rows with an instruction
                 appended (robustness to instructions inside the text).
-            split_chars: span tasks: read the text one character per token (so every character
-                of a CJK text can get its own tag); ``None``: when most rows are CJK text.
+            split_chars: span tasks: read every CJK character as a token of its own (so each
+                character of Chinese text can get its own tag; other text is tokenized as
+                usual); ``None``: when any row is CJK text.
             progress: called with (rows done, rows in all) as the rows are computed.
 
         Returns:
@@ -297,7 +298,7 @@ class AllInOne:
         if spans:
             types = list(spec.spans.types)
             rows = load_spans(data, types, limit=limit)
-            split = split_chars if split_chars is not None else _mostly_cjk(rows.texts)
+            split = split_chars if split_chars is not None else _any_cjk(rows.texts)
             tagger, cv = fit_spans(rows, types, run=run, n_layer=self.info.n_layer, split_chars=split, progress=tick)
             chosen, head_tensors, extra = "tagger", tagger.tensors(), tagger.meta()
         else:
@@ -595,7 +596,7 @@ class AllInOne:
         self.close()
 
 
-def _mostly_cjk(texts: Sequence[str]) -> bool:
+def _any_cjk(texts: Sequence[str]) -> bool:
     from .tasks import detect_lang
 
-    return sum(detect_lang(t) == "zh" for t in texts) > len(texts) / 2
+    return any(detect_lang(t) == "zh" for t in texts)

@@ -409,7 +409,7 @@ def fit(
     method: Annotated[str, typer.Option(help="auto (best by cross-validation); classify: calibrate, head or head+logprobs; span tasks: tagger")] = "auto",
     limit: Annotated[Optional[int], typer.Option(help="only the first N rows of each file")] = None,
     augment: Annotated[bool, typer.Option("--augment/--no-augment", help="classify: also train on copies with an instruction appended")] = True,
-    split_chars: Annotated[Optional[bool], typer.Option("--split-chars/--no-split-chars", help="span tasks: one token per character (default: when most rows are CJK)")] = None,
+    split_chars: Annotated[Optional[bool], typer.Option("--split-chars/--no-split-chars", help="span tasks: a token per CJK character (default: when any row is CJK text)")] = None,
     as_json: JsonOpt = False, options: Optional[dict] = None,
 ) -> None:
     """Learn TASK from labelled rows: every method is scored by cross-validation on the rows, the

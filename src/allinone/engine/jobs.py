@@ -47,8 +47,8 @@ class Prompt:
             window leaves.
         max_text_tokens: the text's token budget (``None``: only the context window limits it).
         add_generation_prompt: end with the opening of the assistant's turn.
-        split_chars: tokenize the text one character at a time (so every token lies within one
-            character: a tagger can then give each character of a CJK text its own tag).
+        split_chars: tokenize every CJK character of the text on its own (other text as usual),
+            so a tagger can give each character of Chinese text its own tag.
     """
 
     messages: tuple[Message, ...] = ()

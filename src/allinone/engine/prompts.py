@@ -14,6 +14,7 @@ Either way the result says ``truncated`` when anything was cut.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -101,8 +102,7 @@ def _fit_text(backend: "Backend", prompt: Prompt, reserve: int, share: bool) -> 
         raise InvalidInputError(
             f"the fixed part of this prompt ({len(fixed)} tokens) leaves no room for the text in the context "
             f"window of {backend.n_ctx} tokens", param="text")
-    text_ids = ([i for ch in prompt.text for i in backend.tokenize(ch)] if prompt.split_chars
-                else backend.tokenize(prompt.text))
+    text_ids = split_cjk(backend, prompt.text) if prompt.split_chars else backend.tokenize(prompt.text)
     truncated = len(text_ids) > budget
     if truncated:
         text_ids = text_ids[:budget]
@@ -146,6 +146,27 @@ def _fit_conversation(backend: "Backend", prompt: Prompt, reserve: int, share: b
     if budget - len(ids) < 1 or (not share and len(ids) + keep > budget):
         raise InvalidInputError("the system prompt alone does not fit the context window", param="messages")
     return Fitted(ids, PromptInfo(len(ids), truncated), [])
+
+
+_CJK = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uac00-\ud7af\uff00-\uffef\u3000-\u303f]")
+
+
+def split_cjk(backend: "Backend", text: str) -> list[int]:
+    """Token ids of ``text`` with every CJK character (and full-width form) tokenized on its
+    own and every other run of text as usual, so no token spans two CJK characters."""
+    ids: list[int] = []
+    run = ""
+    for ch in text:
+        if _CJK.match(ch):
+            if run:
+                ids += backend.tokenize(run)
+                run = ""
+            ids += backend.tokenize(ch)
+        else:
+            run += ch
+    if run:
+        ids += backend.tokenize(run)
+    return ids
 
 
 def token_offsets(backend: "Backend", text: str, ids: Sequence[int]) -> tuple[tuple[int, int], ...]:
