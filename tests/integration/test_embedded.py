@@ -84,4 +84,7 @@ def test_greedy_replies_do_not_depend_on_what_else_runs(ai):
     one = [ai.sentiment(t).scores for t in texts]
     many = [r.scores for r in ai.run_many("sentiment", texts)]
     for a, b in zip(one, many):
-        assert a == pytest.approx(b, abs=1e-3)
+        # the label is the same; the probability only to ~1e-2: a batch of several rows runs
+        # llama.cpp's matmuls in other tile shapes, so the sums round differently (seen: 1.3e-3)
+        assert max(a, key=a.get) == max(b, key=b.get)
+        assert a == pytest.approx(b, abs=1e-2)

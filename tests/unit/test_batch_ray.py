@@ -134,12 +134,14 @@ def write_input(path: Path, n: int) -> Path:
 
 
 def test_ray_results_equal_local_results_row_for_row(cluster, options, tmp_path):
-    src = write_input(tmp_path / "in.jsonl", 60)
+    # enough chunks that the actor which starts second still gets some: with 8 chunks (5 s of
+    # work) the first actor once labelled them all before the other had loaded its model
+    src = write_input(tmp_path / "in.jsonl", 240)
     with AllInOne.load(**options) as ai:
-        local = ai.batch("t", src, tmp_path / "local.jsonl", chunk_rows=8)
-    on_ray = AllInOne.batch_on_ray("t", src, tmp_path / "ray.jsonl", address=cluster, actors=2, chunk_rows=8, **options)
+        local = ai.batch("t", src, tmp_path / "local.jsonl", chunk_rows=4)
+    on_ray = AllInOne.batch_on_ray("t", src, tmp_path / "ray.jsonl", address=cluster, actors=2, chunk_rows=4, **options)
     assert (tmp_path / "ray.jsonl").read_bytes() == (tmp_path / "local.jsonl").read_bytes()
-    assert (on_ray.rows, on_ray.rows_ok, on_ray.rows_failed) == (local.rows, local.rows_ok, local.rows_failed) == (60, 58, 2)
+    assert (on_ray.rows, on_ray.rows_ok, on_ray.rows_failed) == (local.rows, local.rows_ok, local.rows_failed) == (240, 238, 2)
     assert on_ray.actors == 2 and on_ray.nodes == 2  # the head and the worker both labelled chunks
     assert on_ray.actor_peak_rss_mb > 0
 
