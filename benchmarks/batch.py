@@ -27,11 +27,11 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures as cf
+import contextlib
 import json
 import os
 import platform
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -41,6 +41,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
+import psutil
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT.parent / "shared" / "data" / "sst2_dev.jsonl"
@@ -68,35 +69,25 @@ def vm_hwm_mb(pid: int) -> float:
     return float("nan")
 
 
-def descendants(pid: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry.name))
-    out, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            out.append(child)
-            todo.append(child)
-    return out
-
-
 def stop(procs: list[subprocess.Popen]) -> None:
     """SIGTERM to the processes and everything they started, then SIGKILL what is left."""
-    pids = [p.pid for p in procs] + [d for p in procs for d in descendants(p.pid)]
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        for pid in pids:
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline and any(p.poll() is None for p in procs):
-            time.sleep(0.2)
+    tree = []
+    for p in procs:
+        try:
+            parent = psutil.Process(p.pid)
+            tree += [parent, *parent.children(recursive=True)]  # before the parent dies and they are re-parented
+        except psutil.NoSuchProcess:
+            pass
+    for proc in tree:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.terminate()
+    _, left = psutil.wait_procs(tree, timeout=15)
+    for proc in left:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.kill()
+    psutil.wait_procs(left, timeout=15)
+    for p in procs:
+        p.poll()
 
 
 class Bench:

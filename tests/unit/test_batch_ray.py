@@ -5,10 +5,10 @@ the CLI (``--ray-address``) without redoing its committed rows."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 
 from allinone import AllInOne
@@ -37,36 +38,25 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def descendants(pid: int) -> list[int]:
-    """Every process below ``pid`` (from /proc), deepest last."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry.name))
-    out, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            out.append(child)
-            todo.append(child)
-    return out
-
-
 def stop(procs: list[subprocess.Popen]) -> None:
-    """SIGTERM to each ``ray start --block`` and everything it started, then SIGKILL what is left."""
-    pids = [p.pid for p in procs] + [d for p in procs for d in descendants(p.pid)]
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        for pid in pids:
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and any(p.poll() is None for p in procs):
-            time.sleep(0.2)
+    """SIGTERM to the processes and everything they started, then SIGKILL what is left."""
+    tree = []
+    for p in procs:
+        try:
+            parent = psutil.Process(p.pid)
+            tree += [parent, *parent.children(recursive=True)]  # before the parent dies and they are re-parented
+        except psutil.NoSuchProcess:
+            pass
+    for proc in tree:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.terminate()
+    _, left = psutil.wait_procs(tree, timeout=10)
+    for proc in left:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.kill()
+    psutil.wait_procs(left, timeout=10)
+    for p in procs:
+        p.poll()
     for p in procs:
         p.wait(timeout=10)
 
