@@ -533,7 +533,7 @@ def _eval_chat(data: Path, limit: Optional[int], params: dict, options: dict, as
         _dump(report)
         return
     print(f"{report['model']}: {report['data']} ({report['rows']} prompts, {report['replies']} replies)")
-    for key in ("refusal_rate", "language_match", "stop_rate", "loop_rate", "empty_rate", "acknowledge_rate",
+    for key in ("refusal_rate", "language_match", "stop_rate", "loop_rate", "empty_rate", "echo_rate", "acknowledge_rate",
                 "declined_rate", "ms_first_token_p50"):
         if key in report:
             print(f"  {key:20} {report[key]}")

@@ -8,7 +8,7 @@ import pytest
 
 from allinone import AllInOne, Settings
 from allinone.engine import Engine
-from allinone.eval.chat import acknowledges, evaluate_chat, has_loop, is_refusal, reply_lang
+from allinone.eval.chat import TRANSLATE, acknowledges, evaluate_chat, has_loop, is_echo, is_refusal, reply_lang
 from fixtures.fakes import FakeBackend
 
 
@@ -32,6 +32,29 @@ def test_language_loops_and_acknowledgement():
     assert acknowledges("Congratulations on your promotion!", "good_news")
     assert acknowledges("很遗憾听到你的猫走丢了。", "sadness")
     assert not acknowledges("Here is a list of steps.", "sadness")
+
+
+@pytest.mark.parametrize("reply,message,echo", [
+    ("我们队今天赢得了比赛冠军！", "我们队今天赢得了比赛冠军！", True),
+    ("商家不给退款。", "外卖送错了，商家还不给退款。", True),
+    ("The restaurant got your order wrong and won't refund you.", "The restaurant got my order wrong and won't refund me.", True),
+    ("Congratulations on winning the championship!", "Our team just won the championship!", False),
+    ("OK", "Look at this", False),
+    ("今天的天气非常美好。", "Translate into Chinese: the weather is lovely today.", False),
+])
+def test_echo_rule(reply, message, echo):
+    assert is_echo(reply, message) is echo
+
+
+def test_translation_requests_are_left_out_of_language_match(tmp_path):
+    assert TRANSLATE.search("帮我把这句话翻译成英文：今天天气很好。") and TRANSLATE.search("Translate into Chinese: hi")
+    data = tmp_path / "p.jsonl"
+    data.write_text(json.dumps({"id": "t", "lang": "en", "turns": ["Translate into Chinese: the weather is lovely."]}) + "\n"
+                    + json.dumps({"id": "u", "lang": "en", "turns": ["Say hi."]}) + "\n", encoding="utf-8")
+    ai = AllInOne(Engine(FakeBackend("今天天气很好。", label_logps={"positive": -0.1})), Settings())
+    report = evaluate_chat(ai, data, progress=False)
+    assert report["language_match"] == 0.0 and report["replies"] == 2  # only "Say hi." is judged
+    ai.close()
 
 
 def test_evaluate_chat_scores_a_scripted_model(tmp_path):
