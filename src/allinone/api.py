@@ -20,7 +20,20 @@ from .learn.artifacts import Artifact, ArtifactStore, save
 from .models import ModelSource, default_cache_dir, resolve_model
 from .results import AnalyzeResult, ChatChunk, ChatResult, ClassifyResult, TaskResult
 from .settings import Settings
-from .tasks import ChatProfile, ChatRequest, Limits, Request, TaskKind, TaskRegistry, TaskSpec, kind_of, reply_chunks
+from .tasks import (
+    ChatProfile,
+    ChatRequest,
+    Limits,
+    Request,
+    TaskKind,
+    TaskRegistry,
+    TaskSpec,
+    detect_lang,
+    kind_of,
+    reply_chunks,
+)
+from .tasks.chat import STEER, guard_refusals, looks_harmful
+from .tasks.prompting import pick
 from .types import SamplingParams, check_text
 
 if TYPE_CHECKING:
@@ -231,7 +244,7 @@ class AllInOne:
         sentiment = self._execute([item], text, timeout)[ANALYZE_SENTIMENT]
         # the reply knows how the message sounds: a complaint gets an apology, good news joy
         request = self._chat_request(messages, system, sampling, mood=sentiment.label)
-        return sentiment, reply_chunks(self._engine.submit(request.job(), timeout=timeout))
+        return sentiment, self._reply(request, timeout)
 
     def fit(self, task: str, data: str | Path | Sequence[str | Path], *, method: str = "auto", limit: int | None = None,
             augment: bool = True, split_chars: bool | None = None,
@@ -354,7 +367,7 @@ class AllInOne:
             InvalidInputError: bad messages or sampling values.
         """
         request = self._chat_request(messages, system, sampling)
-        chunks = reply_chunks(self._engine.submit(request.job(), timeout=timeout))
+        chunks = self._reply(request, timeout)
         return chunks if stream else ChatResult.from_chunks(chunks)
 
     # -- the one flow -------------------------------------------------------------------
@@ -554,6 +567,21 @@ class AllInOne:
                 timeout: float | None) -> Iterator[ChatChunk]:
         (job,) = kind.jobs(compiled, text, req)
         return kind.chunks(compiled, self._engine.submit(job, timeout=timeout))
+
+    def _reply(self, request: ChatRequest, timeout: float | None) -> Iterator[ChatChunk]:
+        """The reply to a chat request, the one path of :meth:`chat`, :meth:`analyze_stream`
+        and every surface on them. A reply that opens with a refusal of a request that names
+        no harm (:func:`~allinone.tasks.chat.looks_harmful`) is replaced by the reply to the
+        request asked again with :data:`~allinone.tasks.chat.STEER` in its system prompt
+        (:func:`~allinone.tasks.chat.guard_refusals`); any other refusal stands."""
+        chunks = reply_chunks(self._engine.submit(request.job(), timeout=timeout))
+        text = request.last_user
+
+        def retry() -> Iterator[ChatChunk]:
+            line = pick(STEER, detect_lang(text))
+            return reply_chunks(self._engine.submit(request.steered(line).job(), timeout=timeout))
+
+        return guard_refusals(chunks, benign=lambda: not looks_harmful(text), retry=retry)
 
     def _chat_profile(self) -> ChatProfile | None:
         """The ``chat`` task's way of talking (see :class:`ChatProfile`), if it is declared."""

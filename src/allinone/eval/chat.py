@@ -3,12 +3,13 @@ meet the feeling of a message that carries one?
 
 Each metric is a documented rule over the reply text (``docs/evaluation.md``, "Chat"):
 
-* **refusal**: the reply opens (first 120 characters) with one of :data:`REFUSAL_PATTERNS`
+* **refusal**: the reply opens (first 120 characters) with one of
+  :data:`allinone.tasks.chat.REFUSAL_PATTERNS`
   ("I'm sorry, but I can't", "作为一个AI", "我无法协助" ...);
 * **language match**: :func:`allinone.tasks.detect_lang` of the reply equals that of the message
   (code blocks left out of the reply, so a code answer to a Chinese question is judged by its
   prose); a request to translate (:data:`TRANSLATE`) is left out, its answer is in the other
-  language by design;
+  language by design (and left out of the echo rate too);
 * **stop**: the reply ended by itself (finish reason ``stop``) within ``max_tokens``;
 * **loop**: some run of words (English: 6 words; Chinese: 10 characters) occurs four times or
   more in the reply;
@@ -36,19 +37,11 @@ from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..tasks.chat import is_refusal
 from .data import load_jsonl
 
 if TYPE_CHECKING:
     from ..api import AllInOne
-
-REFUSAL_PATTERNS = (
-    r"\bI(?:'m| am) sorry,? but I (?:can(?:'|no)t|am unable|won't)", r"\bI can(?:'|no)t (?:help|assist|provide|do) (?:with )?(?:that|this)",
-    r"\bI(?:'m| am) (?:not able|unable) to (?:help|assist|provide|comply)", r"\bAs an AI(?: language model)?,? I",
-    r"\bI (?:must|have to) (?:decline|refuse)", r"\bI won't be able to help",
-    r"很抱歉[，,]?\s*(?:我)?(?:无法|不能)", r"对不起[，,]?\s*(?:我)?(?:无法|不能)", r"我无法(?:协助|帮助|帮你|提供|完成|回答)",
-    r"我不能(?:协助|帮助|帮你|提供|回答)", r"作为(?:一个)?(?:AI|人工智能|语言模型|AI助手)", r"抱歉[，,]?\s*这个(?:请求|问题)",
-)
-_REFUSAL = re.compile("|".join(REFUSAL_PATTERNS), re.IGNORECASE)
 
 ACKNOWLEDGE_PATTERNS = {
     "complaint": (r"sorry", r"frustrat", r"annoy", r"understand", r"unacceptable", r"that's (?:not|really) ",
@@ -64,10 +57,6 @@ ACKNOWLEDGE_PATTERNS = {
 TRANSLATE = re.compile(r"\btranslat|翻译|译成|译为", re.IGNORECASE)
 _ACK = {k: re.compile("|".join(v), re.IGNORECASE) for k, v in ACKNOWLEDGE_PATTERNS.items()}
 _CODE = re.compile(r"```.*?(?:```|\Z)", re.DOTALL)
-
-
-def is_refusal(reply: str) -> bool:
-    return bool(_REFUSAL.search(reply[:120]))
 
 
 def reply_lang(reply: str) -> str:
@@ -184,7 +173,7 @@ def evaluate_chat(ai: "AllInOne", data: str | Path, *, limit: int | None = None,
             stop_rate=_rate(t.finish_reason == "stop" for t in benign),
             loop_rate=_rate(has_loop(t.reply) for t in benign),
             empty_rate=_rate(not t.reply.strip() for t in benign),
-            echo_rate=_rate(is_echo(t.reply, t.prompt) for t in benign))
+            echo_rate=_rate(is_echo(t.reply, t.prompt) for t in benign if not TRANSLATE.search(t.prompt)))
     felt = [(row["feeling"], ts[0]) for row, ts in per_row if row.get("feeling")]
     if felt:
         report["acknowledge_rate"] = _rate(acknowledges(t.reply, f) for f, t in felt)

@@ -1,16 +1,19 @@
-"""Open-domain multi-turn chat: a conversation validated at the edge, as one engine job.
+"""Open-domain multi-turn chat: a conversation validated at the edge, as one engine job, and
+the refusal guard around its reply.
 
 When the conversation does not fit the context window, the engine drops its oldest turns first
 (see :mod:`allinone.engine.prompts`)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any
+import re
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, replace
+from typing import Any, Literal
 
 from ..engine import GenerateJob, Prompt
 from ..errors import InvalidInputError
+from ..results import ChatChunk
 from ..types import SamplingParams, validate_messages
 
 
@@ -55,6 +58,21 @@ class ChatRequest:
         """The engine's job for this conversation."""
         return GenerateJob(Prompt(messages=self.messages), self.sampling)
 
+    @property
+    def last_user(self) -> str:
+        """The text of the last user message (what the reply answers)."""
+        return next(m["content"] for m in reversed(self.messages) if m["role"] == "user")
+
+    def steered(self, line: str) -> "ChatRequest":
+        """The same request with ``line`` added to its system prompt (a new one first if it has none)."""
+        msgs = list(self.messages)
+        first = next((i for i, m in enumerate(msgs) if m["role"] == "system"), None)
+        if first is None:
+            msgs.insert(0, {"role": "system", "content": line})
+        else:
+            msgs[first] = {**msgs[first], "content": f"{msgs[first]['content']}\n{line}"}
+        return replace(self, messages=tuple(msgs))
+
 
 @dataclass(frozen=True)
 class ChatProfile:
@@ -93,3 +111,111 @@ class ChatProfile:
         turns = [t for _, user, reply in shots for t in ({"role": "user", "content": user},
                                                          {"role": "assistant", "content": reply})]
         return [{"role": "system", "content": system}, *turns, *msgs]
+
+
+#: how a refusal opens, English and Chinese (the first 120 characters of a reply are searched):
+#: the openings the 0.5B model uses to decline, "I'm sorry, but I can't assist with that
+#: request." / "很抱歉，我无法协助完成这个请求。", and their kin. "I'm sorry to hear that" is sympathy,
+#: not a refusal, and does not match.
+REFUSAL_PATTERNS = (
+    r"\bI(?:'m| am) sorry,? but I (?:can(?:'|no)t|am unable|won't)", r"\bI can(?:'|no)t (?:help|assist|provide|do) (?:with )?(?:that|this)",
+    r"\bI(?:'m| am) (?:not able|unable) to (?:help|assist|provide|comply)", r"\bAs an AI(?: language model)?,? I",
+    r"\bI (?:must|have to) (?:decline|refuse)", r"\bI won't be able to help",
+    r"很抱歉[，,]?\s*(?:我)?(?:无法|不能)", r"对不起[，,]?\s*(?:我)?(?:无法|不能)", r"我无法(?:协助|帮助|帮你|提供|完成|回答)",
+    r"我不能(?:协助|帮助|帮你|提供|回答)", r"作为(?:一个)?(?:AI|人工智能|语言模型|AI助手)", r"抱歉[，,]?\s*这个(?:请求|问题)",
+)
+_REFUSAL = re.compile("|".join(REFUSAL_PATTERNS), re.IGNORECASE)
+#: the words a refusal starts with; a reply that opens with one is held back until it is decided
+_OPENERS = ("I'm sorry", "I am sorry", "Sorry", "I can't", "I cannot", "I'm not able", "I am not able", "I'm unable",
+            "I am unable", "As an AI", "I must", "I have to", "I won't", "很抱歉", "抱歉", "对不起", "我无法", "我不能", "作为")
+#: a refusal's decisive word comes within this many characters after its first words
+#: ("I'm sorry, but I can't": 13; "作为一个AI助手": 5)
+_DECIDE_AFTER = {"en": 24, "zh": 8}
+#: the part of a reply searched for a refusal
+OPENING_CHARS = 120
+
+#: the line added to the system prompt when a benign request was refused and is asked again
+STEER = {"en": "The user's request is ordinary and safe. Help with it directly; do not refuse and do not say you cannot help.",
+         "zh": "用户的请求是普通、安全的。请直接帮助他，不要拒绝，也不要说你无法帮助。"}
+
+
+#: what a request names when it asks for harm (English and Chinese): weapons and explosives,
+#: poison and killing, drugs, breaking into accounts or things, scams, threats, malware,
+#: anything illegal. A request that names one keeps whatever refusal the model gives; the
+#: list errs on that side ("杀毒软件" and "my phone was stolen" do not match, "偷偷" does).
+HARM_PATTERNS = (
+    r"\bbombs?\b", r"explosive", r"\bweapon", r"\bguns?\b", r"firearm", r"\bammo\b", r"poison", r"\bkill", r"murder",
+    r"\b(?:hurt|harm|attack|stab|shoot) (?:someone|somebody|people|him|her|them|my)", r"toxic gas", r"\bmeth", r"cocaine",
+    r"heroin", r"fentanyl", r"\bdrugs?\b", r"\bhack", r"phishing", r"\bsteal", r"\bscam", r"fraud", r"\bthreat",
+    r"blackmail", r"extort", r"spyware", r"malware", r"ransomware", r"\bvirus\b", r"break into",
+    r"without (?:getting caught|a background check|them knowing)",
+    r"\btricks? (?:people|someone|them)", r"card numbers?", r"\billegal", r"suicide", r"self[- ]harm", r"someone's password",
+    r"stalk",
+    r"炸弹", r"炸药", r"爆炸物", r"枪", r"武器", r"弹药", r"毒药", r"下毒", r"投毒", r"毒气", r"杀人", r"杀死", r"杀掉", r"自杀", r"自残",
+    r"伤害(?:他|她|别人|他人)", r"毒品", r"冰毒", r"海洛因", r"大麻", r"入侵", r"黑客", r"盗号", r"破解", r"钓鱼", r"诈骗", r"骗取", r"骗(?:别人|他人)", r"冒充",
+    r"(?<!被)偷", r"盗窃", r"撬", r"威胁", r"恐吓", r"勒索", r"监控软件", r"木马", r"病毒", r"违法", r"非法", r"违禁", r"不被发现",
+)
+_HARM = re.compile("|".join(HARM_PATTERNS), re.IGNORECASE)
+
+
+def looks_harmful(request: str) -> bool:
+    """The request names a harm of :data:`HARM_PATTERNS` (then its refusal is never replaced)."""
+    return bool(_HARM.search(request))
+
+
+def is_refusal(reply: str) -> bool:
+    """The reply opens (first :data:`OPENING_CHARS` characters) as a refusal (:data:`REFUSAL_PATTERNS`)."""
+    return bool(_REFUSAL.search(reply[:OPENING_CHARS]))
+
+
+def opening(text: str) -> Literal["refusal", "undecided", "clear"]:
+    """What the first characters of a reply are: a refusal; ``undecided`` while they could
+    still become one (they are a prefix of a refusal's first words, :data:`_OPENERS`, or run at
+    most :data:`_DECIDE_AFTER` characters past them: "I'm sorry, but I can't" is decided by its
+    ``can't``); else ``clear``."""
+    if is_refusal(text):
+        return "refusal"
+    head = text.lstrip().lower()
+    for o in _OPENERS:
+        o = o.lower()
+        if o.startswith(head):
+            return "undecided"
+        if head.startswith(o) and len(head) < len(o) + _DECIDE_AFTER["zh" if o[0] > "\u2e7f" else "en"]:
+            return "undecided"
+    return "clear"
+
+
+def guard_refusals(chunks: Iterator[ChatChunk], *, benign: Callable[[], bool],
+                   retry: Callable[[], Iterator[ChatChunk]]) -> Iterator[ChatChunk]:
+    """The reply, unless it refuses a benign request: then the reply to ``retry()`` instead.
+
+    The opening of the reply is held back while it starts like a refusal (:func:`opening`), so
+    nothing of a refusal that is replaced reaches the caller; a reply that opens otherwise ("Sure",
+    "听到这件事") streams at once. When the opening is a refusal, ``benign()`` decides (the
+    ``safety`` task scored by the model, see the API); a harmful request keeps its refusal.
+    The retried reply is returned as it comes, even if it refuses again (asked once, never in a
+    loop). Closing the returned iterator cancels whichever reply is running.
+    """
+    held: list[ChatChunk] = []
+    try:
+        for chunk in chunks:
+            held.append(chunk)
+            verdict = opening("".join(c.text for c in held))
+            if verdict == "refusal":
+                if benign():
+                    _close(chunks)
+                    yield from retry()
+                    return
+                break
+            if verdict == "clear" or chunk.finish_reason is not None:
+                break
+        yield from held
+        yield from chunks
+    finally:
+        _close(chunks)
+
+
+def _close(chunks: Iterator[ChatChunk]) -> None:
+    close = getattr(chunks, "close", None)  # a generator: closing it cancels the reply
+    if close is not None:
+        close()
