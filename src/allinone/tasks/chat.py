@@ -128,9 +128,7 @@ _REFUSAL = re.compile("|".join(REFUSAL_PATTERNS), re.IGNORECASE)
 #: the words a refusal starts with; a reply that opens with one is held back until it is decided
 _OPENERS = ("I'm sorry", "I am sorry", "Sorry", "I can't", "I cannot", "I'm not able", "I am not able", "I'm unable",
             "I am unable", "As an AI", "I must", "I have to", "I won't", "很抱歉", "抱歉", "对不起", "我无法", "我不能", "作为")
-#: a refusal's decisive word comes within this many characters after its first words
-#: ("I'm sorry, but I can't": 13; "作为一个AI助手": 5)
-_DECIDE_AFTER = {"en": 24, "zh": 8}
+_SENTENCE_END = re.compile(r"[.!?。！？\n]")
 #: the part of a reply searched for a refusal
 OPENING_CHARS = 120
 
@@ -170,17 +168,18 @@ def is_refusal(reply: str) -> bool:
 
 def opening(text: str) -> Literal["refusal", "undecided", "clear"]:
     """What the first characters of a reply are: a refusal; ``undecided`` while they could
-    still become one (they are a prefix of a refusal's first words, :data:`_OPENERS`, or run at
-    most :data:`_DECIDE_AFTER` characters past them: "I'm sorry, but I can't" is decided by its
-    ``can't``); else ``clear``."""
+    still become one (they are a prefix of a refusal's first words, :data:`_OPENERS`, or start
+    with them and the first sentence has not ended: "I'm sorry to hear that, but I can't
+    assist" is decided by its ``can't``, "I'm sorry to hear that." by its full stop); else
+    ``clear``. At most :data:`OPENING_CHARS` characters are held."""
     if is_refusal(text):
         return "refusal"
     head = text.lstrip().lower()
+    if len(head) >= OPENING_CHARS:
+        return "clear"
     for o in _OPENERS:
         o = o.lower()
-        if o.startswith(head):
-            return "undecided"
-        if head.startswith(o) and len(head) < len(o) + _DECIDE_AFTER["zh" if o[0] > "\u2e7f" else "en"]:
+        if o.startswith(head) or (head.startswith(o) and not _SENTENCE_END.search(head, len(o))):
             return "undecided"
     return "clear"
 
