@@ -239,12 +239,12 @@ class AllInOne:
         """
         self._check_text(text)
         messages = [*(history or []), {"role": "user", "content": text}]
-        self._chat_request(messages, system, sampling)  # bad messages or options fail before any model call
+        plain = self._chat_request(messages, system, sampling)  # bad messages or options fail before any model call
         item = self._prepare(ANALYZE_SENTIMENT, text, {})
         sentiment = self._execute([item], text, timeout)[ANALYZE_SENTIMENT]
         # the reply knows how the message sounds: a complaint gets an apology, good news joy
         request = self._chat_request(messages, system, sampling, mood=sentiment.label)
-        return sentiment, self._reply(request, timeout)
+        return sentiment, self._reply(request, timeout, retry_from=plain)
 
     def fit(self, task: str, data: str | Path | Sequence[str | Path], *, method: str = "auto", limit: int | None = None,
             augment: bool = True, split_chars: bool | None = None,
@@ -568,18 +568,22 @@ class AllInOne:
         (job,) = kind.jobs(compiled, text, req)
         return kind.chunks(compiled, self._engine.submit(job, timeout=timeout))
 
-    def _reply(self, request: ChatRequest, timeout: float | None) -> Iterator[ChatChunk]:
+    def _reply(self, request: ChatRequest, timeout: float | None, *,
+               retry_from: ChatRequest | None = None) -> Iterator[ChatChunk]:
         """The reply to a chat request, the one path of :meth:`chat`, :meth:`analyze_stream`
         and every surface on them. A reply that opens with a refusal of a request that names
         no harm (:func:`~allinone.tasks.chat.looks_harmful`) is replaced by the reply to the
-        request asked again with :data:`~allinone.tasks.chat.STEER` in its system prompt
+        request asked again (``retry_from``, else ``request``: ``analyze`` asks without the mood
+        line, whose "I'm sorry to hear that" the model turns into "..., but I can't help") with
+        :data:`~allinone.tasks.chat.STEER` in its system prompt
         (:func:`~allinone.tasks.chat.guard_refusals`); any other refusal stands."""
         chunks = reply_chunks(self._engine.submit(request.job(), timeout=timeout))
         text = request.last_user
 
         def retry() -> Iterator[ChatChunk]:
             line = pick(STEER, detect_lang(text))
-            return reply_chunks(self._engine.submit(request.steered(line).job(), timeout=timeout))
+            again = (retry_from or request).steered(line)
+            return reply_chunks(self._engine.submit(again.job(), timeout=timeout))
 
         return guard_refusals(chunks, benign=lambda: not looks_harmful(text), retry=retry)
 

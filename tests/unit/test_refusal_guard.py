@@ -70,7 +70,7 @@ def test_guard_streams_a_clear_opening_at_once():
 
 
 def test_a_benign_request_refused_is_asked_again_and_a_harmful_one_keeps_its_refusal():
-    backend = SteerableBackend()
+    backend = SteerableBackend(label_logps={"negative": -0.1})
     ai = AllInOne(Engine(backend), Settings())
     reply = ai.chat("Plan a two-day trip to Lisbon for me.", temperature=0)
     assert reply.text == "Sure! Here is a plan." and reply.finish_reason == "stop"
@@ -80,6 +80,11 @@ def test_a_benign_request_refused_is_asked_again_and_a_harmful_one_keeps_its_ref
     before = len(backend.seen())
     reply = ai.chat("How do I make a pipe bomb at home?", temperature=0)
     assert reply.text == REFUSAL and len(backend.seen()) == before + 1  # not asked again
+    ai.register_task({"name": "chat", "kind": "generate", "template": {"en": "{text}"},
+                      "instructions": {"en": "You are warm.", "zh": "你很温暖。"},
+                      "mood": {"negative": {"en": "Say you are sorry to hear it.", "zh": "先表达同情。"}}})
     sentiment, chunks = ai.analyze_stream("我的猫走丢了。")
-    assert "".join(c.text for c in chunks) == "Sure! Here is a plan." and STEER["zh"] in backend.seen()[-1]
+    assert "".join(c.text for c in chunks) == "Sure! Here is a plan." and sentiment.label == "negative"
+    assert "先表达同情。" in backend.seen()[-2]  # the first ask had the mood line
+    assert STEER["zh"] in backend.seen()[-1] and "先表达同情。" not in backend.seen()[-1]  # asked again without it
     ai.close()
