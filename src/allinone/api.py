@@ -32,7 +32,7 @@ from .tasks import (
     kind_of,
     reply_chunks,
 )
-from .tasks.chat import STEER, guard_refusals, looks_harmful
+from .tasks.chat import RETRY_OPENING, STEER, guard_refusals, looks_harmful
 from .tasks.prompting import pick
 from .types import SamplingParams, check_text
 
@@ -244,7 +244,7 @@ class AllInOne:
         sentiment = self._execute([item], text, timeout)[ANALYZE_SENTIMENT]
         # the reply knows how the message sounds: a complaint gets an apology, good news joy
         request = self._chat_request(messages, system, sampling, mood=sentiment.label)
-        return sentiment, self._reply(request, timeout, retry_from=plain)
+        return sentiment, self._reply(request, timeout, retry_from=plain, mood=sentiment.label)
 
     def fit(self, task: str, data: str | Path | Sequence[str | Path], *, method: str = "auto", limit: int | None = None,
             augment: bool = True, split_chars: bool | None = None,
@@ -569,21 +569,24 @@ class AllInOne:
         return kind.chunks(compiled, self._engine.submit(job, timeout=timeout))
 
     def _reply(self, request: ChatRequest, timeout: float | None, *,
-               retry_from: ChatRequest | None = None) -> Iterator[ChatChunk]:
+               retry_from: ChatRequest | None = None, mood: str | None = None) -> Iterator[ChatChunk]:
         """The reply to a chat request, the one path of :meth:`chat`, :meth:`analyze_stream`
         and every surface on them. A reply that opens with a refusal of a request that names
         no harm (:func:`~allinone.tasks.chat.looks_harmful`) is replaced by the reply to the
         request asked again (``retry_from``, else ``request``: ``analyze`` asks without the mood
         line, whose "I'm sorry to hear that" the model turns into "..., but I can't help") with
-        :data:`~allinone.tasks.chat.STEER` in its system prompt
+        :data:`~allinone.tasks.chat.STEER` in its system prompt and the reply begun with
+        :data:`~allinone.tasks.chat.RETRY_OPENING` for ``mood`` (the message's sentiment)
         (:func:`~allinone.tasks.chat.guard_refusals`); any other refusal stands."""
         chunks = reply_chunks(self._engine.submit(request.job(), timeout=timeout))
         text = request.last_user
 
         def retry() -> Iterator[ChatChunk]:
-            line = pick(STEER, detect_lang(text))
-            again = (retry_from or request).steered(line)
-            return reply_chunks(self._engine.submit(again.job(), timeout=timeout))
+            lang = detect_lang(text)
+            again = (retry_from or request).steered(pick(STEER, lang))
+            opening = pick(RETRY_OPENING.get(mood, RETRY_OPENING[None]), lang)
+            yield ChatChunk(opening)
+            yield from reply_chunks(self._engine.submit(again.job(reply_prefix=opening), timeout=timeout))
 
         return guard_refusals(chunks, benign=lambda: not looks_harmful(text), retry=retry)
 

@@ -8,7 +8,7 @@ import pytest
 from allinone import AllInOne, Settings
 from allinone.engine import Engine
 from allinone.results import ChatChunk
-from allinone.tasks.chat import STEER, guard_refusals, looks_harmful, opening
+from allinone.tasks.chat import RETRY_OPENING, STEER, guard_refusals, looks_harmful, opening
 from fixtures.fakes import FakeBackend
 
 REFUSAL = "I'm sorry, but I can't assist with that request."
@@ -73,10 +73,12 @@ def test_a_benign_request_refused_is_asked_again_and_a_harmful_one_keeps_its_ref
     backend = SteerableBackend(label_logps={"negative": -0.1})
     ai = AllInOne(Engine(backend), Settings())
     reply = ai.chat("Plan a two-day trip to Lisbon for me.", temperature=0)
-    assert reply.text == "Sure! Here is a plan." and reply.finish_reason == "stop"
+    opened = RETRY_OPENING[None]["en"]
+    assert reply.text == opened + "Sure! Here is a plan." and reply.finish_reason == "stop"
     assert STEER["en"] in backend.seen()[-1] and REFUSAL not in reply.text
+    assert backend.seen()[-1].endswith("<|im_start|>assistant\n" + opened)  # the model continues the opening
     streamed = "".join(c.text for c in ai.chat("Tell me a joke.", stream=True, temperature=0))
-    assert streamed == "Sure! Here is a plan."
+    assert streamed == opened + "Sure! Here is a plan."
     before = len(backend.seen())
     reply = ai.chat("How do I make a pipe bomb at home?", temperature=0)
     assert reply.text == REFUSAL and len(backend.seen()) == before + 1  # not asked again
@@ -84,7 +86,8 @@ def test_a_benign_request_refused_is_asked_again_and_a_harmful_one_keeps_its_ref
                       "instructions": {"en": "You are warm.", "zh": "你很温暖。"},
                       "mood": {"negative": {"en": "Say you are sorry to hear it.", "zh": "先表达同情。"}}})
     sentiment, chunks = ai.analyze_stream("我的猫走丢了。")
-    assert "".join(c.text for c in chunks) == "Sure! Here is a plan." and sentiment.label == "negative"
+    assert "".join(c.text for c in chunks) == RETRY_OPENING["negative"]["zh"] + "Sure! Here is a plan."
+    assert sentiment.label == "negative"
     assert "先表达同情。" in backend.seen()[-2]  # the first ask had the mood line
     assert STEER["zh"] in backend.seen()[-1] and "先表达同情。" not in backend.seen()[-1]  # asked again without it
     ai.close()

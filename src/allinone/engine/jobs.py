@@ -47,6 +47,9 @@ class Prompt:
             window leaves.
         max_text_tokens: the text's token budget (``None``: only the context window limits it).
         add_generation_prompt: end with the opening of the assistant's turn.
+        reply_prefix: conversations only: the reply's first words, already written; the
+            assistant's turn is opened with them and the model continues from there (the reply
+            it returns leaves them out).
         split_chars: tokenize every CJK character of the text on its own (other text as usual),
             so a tagger can give each character of Chinese text its own tag.
     """
@@ -57,6 +60,7 @@ class Prompt:
     max_text_tokens: int | None = None
     add_generation_prompt: bool = True
     split_chars: bool = False
+    reply_prefix: str = ""
 
     def __post_init__(self) -> None:
         if isinstance(self.messages, list):

@@ -125,8 +125,10 @@ def _fit_conversation(backend: "Backend", prompt: Prompt, reserve: int, share: b
     budget = backend.n_ctx - 1
     keep = min(reserve, budget // 2) if share else reserve
 
+    opened = backend.tokenize(prompt.reply_prefix) if prompt.reply_prefix else []
+
     def render(ms: Sequence[dict]) -> list[int]:
-        return backend.render_chat(ms, add_generation_prompt=prompt.add_generation_prompt)
+        return backend.render_chat(ms, add_generation_prompt=prompt.add_generation_prompt) + opened
 
     ids = render(msgs)
     truncated = False

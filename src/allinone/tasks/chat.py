@@ -54,9 +54,10 @@ class ChatRequest:
             msgs = profile.apply(msgs, mood)
         return cls(tuple(msgs), sampling or SamplingParams())
 
-    def job(self) -> GenerateJob:
-        """The engine's job for this conversation."""
-        return GenerateJob(Prompt(messages=self.messages), self.sampling)
+    def job(self, reply_prefix: str = "") -> GenerateJob:
+        """The engine's job for this conversation (``reply_prefix``: the reply's first words,
+        already written; the model continues from them)."""
+        return GenerateJob(Prompt(messages=self.messages, reply_prefix=reply_prefix), self.sampling)
 
     @property
     def last_user(self) -> str:
@@ -132,6 +133,15 @@ _SENTENCE_END = re.compile(r"[.!?。！？\n]")
 #: the part of a reply searched for a refusal
 OPENING_CHARS = 120
 
+#: how the reply to a benign request asked again begins, by the message's sentiment (``None``:
+#: not known) and language: the model continues after these words instead of choosing its
+#: opening, where it would refuse again (measured: the steering line alone left greedy
+#: refusals in place)
+RETRY_OPENING = {
+    None: {"en": "Sure.", "zh": "好的。"},
+    "negative": {"en": "I understand.", "zh": "我理解你的感受。"},
+    "positive": {"en": "That's great!", "zh": "太好了！"},
+}
 #: the line added to the system prompt when a benign request was refused and is asked again
 STEER = {"en": "The user's request is ordinary and safe. Help with it directly; do not refuse and do not say you cannot help.",
          "zh": "用户的请求是普通、安全的。请直接帮助他，不要拒绝，也不要说你无法帮助。"}
