@@ -45,11 +45,12 @@ if TYPE_CHECKING:
 
 ACKNOWLEDGE_PATTERNS = {
     "complaint": (r"sorry", r"frustrat", r"annoy", r"understand", r"unacceptable", r"that's (?:not|really) ",
-                  r"抱歉", r"遗憾", r"理解", r"生气", r"糟糕", r"不满", r"辛苦", r"确实", r"太差", r"委屈", r"难受", r"心情"),
+                  r"抱歉", r"遗憾", r"理解", r"生气", r"糟糕", r"不满", r"辛苦", r"确实", r"太差", r"委屈", r"难受", r"心情",
+                  r"难过", r"同情"),
     "sadness": (r"sorry", r"condolence", r"loss", r"heartbreak", r"sad", r"difficult", r"hard time", r"here for you",
                 r"难过", r"遗憾", r"抱歉", r"节哀", r"心疼", r"伤心", r"理解", r"不容易", r"难受", r"痛苦"),
     "stress": (r"understand", r"stress", r"overwhelm", r"sorry", r"tough", r"hard", r"normal to feel", r"anxious", r"exhaust",
-               r"理解", r"压力", r"辛苦", r"焦虑", r"不容易", r"难受", r"紧张", r"累", r"抱歉", r"别担心"),
+               r"理解", r"压力", r"辛苦", r"焦虑", r"不容易", r"难受", r"紧张", r"累", r"抱歉", r"别担心", r"难过", r"同情"),
     "good_news": (r"congrat", r"great news", r"wonderful", r"amazing", r"fantastic", r"happy for you", r"well done",
                   r"proud", r"exciting", r"恭喜", r"祝贺", r"太好了", r"真棒", r"为你高兴", r"开心", r"了不起", r"厉害"),
 }
