@@ -127,8 +127,9 @@ REFUSAL_PATTERNS = (
 )
 _REFUSAL = re.compile("|".join(REFUSAL_PATTERNS), re.IGNORECASE)
 #: the words a refusal starts with; a reply that opens with one is held back until it is decided
-_OPENERS = ("I'm sorry", "I am sorry", "Sorry", "I can't", "I cannot", "I'm not able", "I am not able", "I'm unable",
-            "I am unable", "As an AI", "I must", "I have to", "I won't", "很抱歉", "抱歉", "对不起", "我无法", "我不能", "作为")
+_OPENERS = ("I'm sorry", "I am sorry", "Sorry", "I apologize", "Unfortunately", "I can't", "I cannot", "I'm not able",
+            "I am not able", "I'm unable", "I am unable", "As an AI", "I must", "I have to", "I won't",
+            "很抱歉", "抱歉", "对不起", "我很抱歉", "我无法", "我不能", "作为")
 _SENTENCE_END = re.compile(r"[.!?。！？\n]")
 #: the part of a reply searched for a refusal
 OPENING_CHARS = 120
@@ -140,7 +141,8 @@ OPENING_CHARS = 120
 RETRY_OPENING = {
     None: {"en": "Sure.", "zh": "好的。"},
     "negative": {"en": "I understand.", "zh": "我理解你的感受。"},
-    "positive": {"en": "That's great!", "zh": "太好了！"},
+    # not "That's great!": a sad message scored positive would be met with joy
+    "positive": {"en": "Thank you for sharing that.", "zh": "谢谢你和我分享。"},
 }
 #: the line added to the system prompt when a benign request was refused and is asked again
 STEER = {"en": "The user's request is ordinary and safe. Help with it directly; do not refuse and do not say you cannot help.",
