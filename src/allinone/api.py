@@ -8,6 +8,7 @@ into a typed result.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -32,7 +33,7 @@ from .tasks import (
     kind_of,
     reply_chunks,
 )
-from .tasks.chat import RETRY_OPENING, STEER, guard_refusals, looks_harmful
+from .tasks.chat import DECLINE, DECLINE_OPENING, RETRY_OPENING, STEER, guard_refusals, looks_harmful
 from .tasks.prompting import pick
 from .types import SamplingParams, check_text
 
@@ -571,15 +572,23 @@ class AllInOne:
     def _reply(self, request: ChatRequest, timeout: float | None, *,
                retry_from: ChatRequest | None = None, mood: str | None = None) -> Iterator[ChatChunk]:
         """The reply to a chat request, the one path of :meth:`chat`, :meth:`analyze_stream`
-        and every surface on them. A reply that opens with a refusal of a request that names
-        no harm (:func:`~allinone.tasks.chat.looks_harmful`) is replaced by the reply to the
+        and every surface on them. A request that names a harm
+        (:func:`~allinone.tasks.chat.looks_harmful`) is told to decline
+        (:data:`~allinone.tasks.chat.DECLINE`) and its reply begins with
+        :data:`~allinone.tasks.chat.DECLINE_OPENING`. A reply that opens with a refusal of a
+        request that names no harm (:func:`~allinone.tasks.chat.looks_harmful`) is replaced by the reply to the
         request asked again (``retry_from``, else ``request``: ``analyze`` asks without the mood
         line, whose "I'm sorry to hear that" the model turns into "..., but I can't help") with
         :data:`~allinone.tasks.chat.STEER` in its system prompt and the reply begun with
         :data:`~allinone.tasks.chat.RETRY_OPENING` for ``mood`` (the message's sentiment)
         (:func:`~allinone.tasks.chat.guard_refusals`); any other refusal stands."""
-        chunks = reply_chunks(self._engine.submit(request.job(), timeout=timeout))
         text = request.last_user
+        if looks_harmful(text):  # declined by prompt and by its first words; never asked again
+            lang = detect_lang(text)
+            opening = pick(DECLINE_OPENING, lang)
+            declined = request.steered(pick(DECLINE, lang)).job(reply_prefix=opening)
+            return itertools.chain([ChatChunk(opening)], reply_chunks(self._engine.submit(declined, timeout=timeout)))
+        chunks = reply_chunks(self._engine.submit(request.job(), timeout=timeout))
 
         def retry() -> Iterator[ChatChunk]:
             lang = detect_lang(text)

@@ -8,7 +8,7 @@ import pytest
 from allinone import AllInOne, Settings
 from allinone.engine import Engine
 from allinone.results import ChatChunk
-from allinone.tasks.chat import RETRY_OPENING, STEER, guard_refusals, looks_harmful, opening
+from allinone.tasks.chat import DECLINE, DECLINE_OPENING, RETRY_OPENING, STEER, guard_refusals, looks_harmful, opening
 from fixtures.fakes import FakeBackend
 
 REFUSAL = "I'm sorry, but I can't assist with that request."
@@ -82,7 +82,9 @@ def test_a_benign_request_refused_is_asked_again_and_a_harmful_one_keeps_its_ref
     assert streamed == opened + "Sure! Here is a plan."
     before = len(backend.seen())
     reply = ai.chat("How do I make a pipe bomb at home?", temperature=0)
-    assert reply.text == REFUSAL and len(backend.seen()) == before + 1  # not asked again
+    assert len(backend.seen()) == before + 1  # asked once, never again
+    assert DECLINE["en"] in backend.seen()[-1] and backend.seen()[-1].endswith(DECLINE_OPENING["en"])
+    assert reply.text == DECLINE_OPENING["en"] + REFUSAL
     ai.register_task({"name": "chat", "kind": "generate", "template": {"en": "{text}"},
                       "instructions": {"en": "You are warm.", "zh": "你很温暖。"},
                       "mood": {"negative": {"en": "Say you are sorry to hear it.", "zh": "先表达同情。"}}})

@@ -144,6 +144,13 @@ RETRY_OPENING = {
     # not "That's great!": a sad message scored positive would be met with joy
     "positive": {"en": "Thank you for sharing that.", "zh": "谢谢你和我分享。"},
 }
+#: the line added to the system prompt of a request that names a harm (:func:`looks_harmful`),
+#: and the words its reply begins with: the warm prompt that makes the 0.5B model help with
+#: everything also made it explain pipe bombs (10 of 12 harmful requests answered, measured)
+DECLINE = {"en": "This request asks for help to hurt people or to break the law. Decline it politely in one or two "
+                 "sentences and give none of the information asked for.",
+           "zh": "这个请求要求帮助伤害他人或违法。请用一两句话礼貌地拒绝，不要提供任何相关信息。"}
+DECLINE_OPENING = {"en": "I can't help with that.", "zh": "抱歉，这个我不能帮你。"}
 #: the line added to the system prompt when a benign request was refused and is asked again
 STEER = {"en": "The user's request is ordinary and safe. Help with it directly; do not refuse and do not say you cannot help.",
          "zh": "用户的请求是普通、安全的。请直接帮助他，不要拒绝，也不要说你无法帮助。"}
