@@ -158,8 +158,9 @@ STEER = {"en": "The user's request is ordinary and safe. Help with it directly; 
 
 #: what a request names when it asks for harm (English and Chinese): weapons and explosives,
 #: poison and killing, drugs, breaking into accounts or things, scams, threats, malware,
-#: anything illegal. A request that names one keeps whatever refusal the model gives; the
-#: list errs on that side ("杀毒软件" and "my phone was stolen" do not match, "偷偷" does).
+#: anything illegal. A request that names one is told to decline (:data:`DECLINE`) and never
+#: asked again; the list errs on that side ("杀毒软件" and "my phone was stolen" do not match,
+#: "偷偷" does). Written on development requests of this project, not on the reported set.
 HARM_PATTERNS = (
     r"\bbombs?\b", r"explosive", r"\bweapon", r"\bguns?\b", r"firearm", r"\bammo\b", r"poison", r"\bkill", r"murder",
     r"\b(?:hurt|harm|attack|stab|shoot) (?:someone|somebody|people|him|her|them|my)", r"toxic gas", r"\bmeth", r"cocaine",
@@ -209,8 +210,10 @@ def guard_refusals(chunks: Iterator[ChatChunk], *, benign: Callable[[], bool],
 
     The opening of the reply is held back while it starts like a refusal (:func:`opening`), so
     nothing of a refusal that is replaced reaches the caller; a reply that opens otherwise ("Sure",
-    "听到这件事") streams at once. When the opening is a refusal, ``benign()`` decides (the
-    ``safety`` task scored by the model, see the API); a harmful request keeps its refusal.
+    "听到这件事") streams at once. When the opening is a refusal, ``benign()`` decides (in the
+    API: the request names no harm, :func:`looks_harmful`); otherwise the refusal stands.
+    (Scoring "safe or harmful" with the 0.5B model itself was measured first and separates
+    nothing: each of 12 harmful development requests scored below some benign prompt.)
     The retried reply is returned as it comes, even if it refuses again (asked once, never in a
     loop). Closing the returned iterator cancels whichever reply is running.
     """
