@@ -581,23 +581,21 @@ class AllInOne:
         line, whose "I'm sorry to hear that" the model turns into "..., but I can't help") with
         :data:`~allinone.tasks.chat.STEER` in its system prompt and the reply begun with
         :data:`~allinone.tasks.chat.RETRY_OPENING` for ``mood`` (the message's sentiment)
-        (:func:`~allinone.tasks.chat.guard_refusals`); any other refusal stands."""
+        (:func:`~allinone.tasks.chat.guard_refusals`)."""
         text = request.last_user
+        lang = detect_lang(text)
+
+        def begun(req: ChatRequest, opening: str) -> Iterator[ChatChunk]:
+            # submitted now (a full queue fails here, as for any reply); the model continues
+            # after words already written, and the caller gets them first
+            stream = self._engine.submit(req.job(reply_prefix=opening), timeout=timeout)
+            return itertools.chain([ChatChunk(opening)], reply_chunks(stream))
+
         if looks_harmful(text):  # declined by prompt and by its first words; never asked again
-            lang = detect_lang(text)
-            opening = pick(DECLINE_OPENING, lang)
-            declined = request.steered(pick(DECLINE, lang)).job(reply_prefix=opening)
-            return itertools.chain([ChatChunk(opening)], reply_chunks(self._engine.submit(declined, timeout=timeout)))
+            return begun(request.steered(pick(DECLINE, lang)), pick(DECLINE_OPENING, lang))
         chunks = reply_chunks(self._engine.submit(request.job(), timeout=timeout))
-
-        def retry() -> Iterator[ChatChunk]:
-            lang = detect_lang(text)
-            again = (retry_from or request).steered(pick(STEER, lang))
-            opening = pick(RETRY_OPENING.get(mood, RETRY_OPENING[None]), lang)
-            yield ChatChunk(opening)
-            yield from reply_chunks(self._engine.submit(again.job(reply_prefix=opening), timeout=timeout))
-
-        return guard_refusals(chunks, benign=lambda: not looks_harmful(text), retry=retry)
+        opening = pick(RETRY_OPENING.get(mood, RETRY_OPENING[None]), lang)
+        return guard_refusals(chunks, retry=lambda: begun((retry_from or request).steered(pick(STEER, lang)), opening))
 
     def _chat_profile(self) -> ChatProfile | None:
         """The ``chat`` task's way of talking (see :class:`ChatProfile`), if it is declared."""

@@ -52,13 +52,12 @@ def chunks_of(*texts: str):
 def test_guard_holds_only_an_undecided_opening_and_asks_once():
     asked: list[str] = []
     retry = lambda: asked.append("retry") or chunks_of("Sure", "!")  # noqa: E731
-    out = list(guard_refusals(chunks_of("I'm ", "sorry, ", "but I can't ", "help."), benign=lambda: True, retry=retry))
+    out = list(guard_refusals(chunks_of("I'm ", "sorry, ", "but I can't ", "help."), retry=retry))
     assert "".join(c.text for c in out) == "Sure!" and asked == ["retry"]
-    out = list(guard_refusals(chunks_of("I'm ", "sorry, ", "but I can't ", "help."), benign=lambda: False, retry=retry))
-    assert "".join(c.text for c in out) == "I'm sorry, but I can't help." and asked == ["retry"]
-    judged: list[int] = []
-    out = list(guard_refusals(chunks_of("Sure", " thing", "."), benign=lambda: judged.append(1) or True, retry=retry))
-    assert "".join(c.text for c in out) == "Sure thing." and not judged and asked == ["retry"]
+    out = list(guard_refusals(chunks_of("I'm ", "sorry ", "to hear that. ", "Try this."), retry=retry))
+    assert "".join(c.text for c in out) == "I'm sorry to hear that. Try this." and asked == ["retry"]
+    out = list(guard_refusals(chunks_of("Sure", " thing", "."), retry=retry))
+    assert "".join(c.text for c in out) == "Sure thing." and asked == ["retry"]
 
 
 def test_guard_streams_a_clear_opening_at_once():
@@ -66,7 +65,7 @@ def test_guard_streams_a_clear_opening_at_once():
         yield ChatChunk("Hello")
         raise AssertionError("the guard read past a clear opening before the caller asked")
 
-    guarded = guard_refusals(source(), benign=lambda: True, retry=lambda: iter(()))
+    guarded = guard_refusals(source(), retry=lambda: iter(()))
     assert next(guarded).text == "Hello"
 
 

@@ -66,13 +66,16 @@ class ChatRequest:
 
     def steered(self, line: str) -> "ChatRequest":
         """The same request with ``line`` added to its system prompt (a new one first if it has none)."""
-        msgs = list(self.messages)
-        first = next((i for i, m in enumerate(msgs) if m["role"] == "system"), None)
-        if first is None:
-            msgs.insert(0, {"role": "system", "content": line})
-        else:
-            msgs[first] = {**msgs[first], "content": f"{msgs[first]['content']}\n{line}"}
-        return replace(self, messages=tuple(msgs))
+        return replace(self, messages=tuple(with_system_line(list(self.messages), line)))
+
+
+def with_system_line(msgs: list[dict[str, str]], line: str) -> list[dict[str, str]]:
+    """``msgs`` with ``line`` on a line of its own at the end of the first system message (a
+    system message of ``line`` put first if there is none)."""
+    first = next((i for i, m in enumerate(msgs) if m["role"] == "system"), None)
+    if first is None:
+        return [{"role": "system", "content": line}, *msgs]
+    return [*msgs[:first], {**msgs[first], "content": f"{msgs[first]['content']}\n{line}"}, *msgs[first + 1:]]
 
 
 @dataclass(frozen=True)
@@ -101,10 +104,7 @@ class ChatProfile:
         lang = detect_lang(last)
         line = pick(self.mood.get(mood, {}), lang) if self.mood and mood else ""
         if any(m["role"] == "system" for m in msgs):
-            if not line:
-                return msgs
-            first = next(i for i, m in enumerate(msgs) if m["role"] == "system")
-            return [*msgs[:first], {**msgs[first], "content": f"{msgs[first]['content']}\n{line}"}, *msgs[first + 1:]]
+            return with_system_line(msgs, line) if line else msgs
         system = pick(self.instructions, lang)
         if line:
             system = f"{system}\n{line}"
@@ -204,14 +204,13 @@ def opening(text: str) -> Literal["refusal", "undecided", "clear"]:
     return "clear"
 
 
-def guard_refusals(chunks: Iterator[ChatChunk], *, benign: Callable[[], bool],
-                   retry: Callable[[], Iterator[ChatChunk]]) -> Iterator[ChatChunk]:
-    """The reply, unless it refuses a benign request: then the reply to ``retry()`` instead.
+def guard_refusals(chunks: Iterator[ChatChunk], *, retry: Callable[[], Iterator[ChatChunk]]) -> Iterator[ChatChunk]:
+    """The reply, unless it opens with a refusal: then the reply to ``retry()`` instead.
 
     The opening of the reply is held back while it starts like a refusal (:func:`opening`), so
     nothing of a refusal that is replaced reaches the caller; a reply that opens otherwise ("Sure",
-    "听到这件事") streams at once. When the opening is a refusal, ``benign()`` decides (in the
-    API: the request names no harm, :func:`looks_harmful`); otherwise the refusal stands.
+    "听到这件事") streams at once. Only for benign requests: the API sends a request that names a
+    harm (:func:`looks_harmful`) down the decline path instead, never through the guard.
     (Scoring "safe or harmful" with the 0.5B model itself was measured first and separates
     nothing: each of 12 harmful development requests scored below some benign prompt.)
     The retried reply is returned as it comes, even if it refuses again (asked once, never in a
@@ -223,11 +222,9 @@ def guard_refusals(chunks: Iterator[ChatChunk], *, benign: Callable[[], bool],
             held.append(chunk)
             verdict = opening("".join(c.text for c in held))
             if verdict == "refusal":
-                if benign():
-                    _close(chunks)
-                    yield from retry()
-                    return
-                break
+                _close(chunks)
+                yield from retry()
+                return
             if verdict == "clear" or chunk.finish_reason is not None:
                 break
         yield from held
