@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures as cf
-import contextlib
 import json
 import os
 import platform
@@ -41,9 +40,11 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
-import psutil
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+from fixtures.procs import stop  # noqa: E402  (one way to stop a process tree, shared with the Ray test)
+
 DATA = ROOT.parent / "shared" / "data" / "sst2_dev.jsonl"
 CLIENTS = 16
 BEGIN, END = "<!-- batch -->", "<!-- /batch -->"
@@ -67,27 +68,6 @@ def vm_hwm_mb(pid: int) -> float:
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024
     return float("nan")
-
-
-def stop(procs: list[subprocess.Popen]) -> None:
-    """SIGTERM to the processes and everything they started, then SIGKILL what is left."""
-    tree = []
-    for p in procs:
-        try:
-            parent = psutil.Process(p.pid)
-            tree += [parent, *parent.children(recursive=True)]  # before the parent dies and they are re-parented
-        except psutil.NoSuchProcess:
-            pass
-    for proc in tree:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            proc.terminate()
-    _, left = psutil.wait_procs(tree, timeout=15)
-    for proc in left:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            proc.kill()
-    psutil.wait_procs(left, timeout=15)
-    for p in procs:
-        p.poll()
 
 
 class Bench:
@@ -151,7 +131,7 @@ class Bench:
                 seconds = time.perf_counter() - start
             return {"rows": len(texts), "rows_per_s": round(len(texts) / seconds, 3), "peak_rss_mb": round(vm_hwm_mb(proc.pid), 1)}
         finally:
-            stop([proc])
+            stop([proc], timeout=15)
 
     @contextmanager
     def ray_cluster(self):
@@ -181,7 +161,7 @@ class Bench:
             time.sleep(3)  # the raylet registers its CPUs after the GCS port opens
             yield f"127.0.0.1:{port}"
         finally:
-            stop([proc])
+            stop([proc], timeout=15)
             shutil.rmtree(temp, ignore_errors=True)
 
 

@@ -5,7 +5,6 @@ the CLI (``--ray-address``) without redoing its committed rows."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
@@ -17,10 +16,10 @@ import time
 from pathlib import Path
 
 import numpy as np
-import psutil
 import pytest
 
 from allinone import AllInOne
+from fixtures.procs import stop
 
 ray = pytest.importorskip("ray")
 pytest.importorskip("ray.data")
@@ -36,29 +35,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def stop(procs: list[subprocess.Popen]) -> None:
-    """SIGTERM to the processes and everything they started, then SIGKILL what is left."""
-    tree = []
-    for p in procs:
-        try:
-            parent = psutil.Process(p.pid)
-            tree += [parent, *parent.children(recursive=True)]  # before the parent dies and they are re-parented
-        except psutil.NoSuchProcess:
-            pass
-    for proc in tree:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            proc.terminate()
-    _, left = psutil.wait_procs(tree, timeout=10)
-    for proc in left:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            proc.kill()
-    psutil.wait_procs(left, timeout=10)
-    for p in procs:
-        p.poll()
-    for p in procs:
-        p.wait(timeout=10)
 
 
 @pytest.fixture(scope="module")
