@@ -102,3 +102,22 @@ def test_both_backends_give_the_same_states(tiny_llamacpp, tiny_transformers):
         b.kv.clear()
         out.append(b.encode_batch([(ids, 0)], (1, 2, -1))[0])
     assert np.allclose(out[0], out[1], atol=2e-3)
+
+
+def test_a_last_token_state_of_the_final_layer_makes_one_output_row(tiny_llamacpp, hf_model):
+    # every output position costs llama.cpp an output-head multiply and a logits row: a head that
+    # reads the last token's final state must not make the whole prompt an output
+    b = tiny_llamacpp
+    ids = b.render_chat([{"role": "user", "content": "one output row, 一个"}])
+    b.kv.clear()
+    _, states = b.score_batch_hidden([(ids, [[5], [6]])], (1, -1))
+    batch = b._batch
+    assert batch.n_tokens == len(ids)
+    assert sum(bool(batch.logits[k]) for k in range(batch.n_tokens)) == 1
+    ref = reference(hf_model, ids)
+    assert np.allclose(states[0][0], ref[1][-1], atol=2e-3)
+    assert np.allclose(states[0][1], ref[-1][-1], atol=2e-3)
+    b.kv.clear()
+    (last,) = b.encode_batch([(ids, len(ids) - 1)], (-1,))
+    assert sum(bool(batch.logits[k]) for k in range(batch.n_tokens)) == 1
+    assert last.shape == (1, 1, b.hidden_size) and np.allclose(last[0, 0], ref[-1][-1], atol=2e-3)

@@ -168,8 +168,8 @@ class LlamaCppBackend(Backend):
 
     # -- compute ------------------------------------------------------------------------
     def _forward(self, entries: Sequence[KVEntry], new_tokens: Sequence[Sequence[int]], *,
-                 all_logits: bool, layers: Sequence[int] = (),
-                 logits: bool = True) -> tuple[list[np.ndarray] | None, list[np.ndarray] | None]:
+                 all_logits: bool, layers: Sequence[int] = (), logits: bool = True,
+                 last_states: bool = False) -> tuple[list[np.ndarray] | None, list[np.ndarray] | None]:
         lib, batch = self._lib, self._batch
         rows: list[list[np.ndarray]] = [[] for _ in entries]
         wanted: list[tuple[int, int]] = []  # (batch position, entry index) whose logits are asked for
@@ -229,10 +229,11 @@ class LlamaCppBackend(Backend):
                 batch.n_seq_id[n] = 1
                 batch.seq_id[n][0] = entry.handle
                 need = logits and (all_logits or k == last)
-                batch.logits[n] = need or final
+                state = final and (k == last or not last_states)
+                batch.logits[n] = need or state
                 if need:
                     wanted.append((n, i))
-                if need or final:
+                if need or state:
                     outputs.append(i)
                 owners.append(i)
                 n += 1
@@ -240,7 +241,8 @@ class LlamaCppBackend(Backend):
         out_logits = [np.stack(r) if all_logits else r[-1] for r in rows] if logits else None
         out_states = None
         if layers:
-            out_states = [np.stack([np.concatenate(st[x]) for x in layers]) for st in states]
+            out_states = [np.stack([np.concatenate(st[x])[-1:] if last_states else np.concatenate(st[x])
+                                    for x in layers]) for st in states]
         return out_logits, out_states
 
     def _llguidance_tokenizer(self):

@@ -132,7 +132,7 @@ class TransformersBackend(Backend):
         pass  # the cache's tensors are freed with the last reference
 
     # -- compute ------------------------------------------------------------------------
-    def _forward(self, entries, new_tokens, *, all_logits, layers=(), logits=True):
+    def _forward(self, entries, new_tokens, *, all_logits, layers=(), logits=True, last_states=False):
         torch = self._torch
         out_logits, out_states = [], []
         with torch.inference_mode():
@@ -147,7 +147,8 @@ class TransformersBackend(Backend):
                     out_logits.append(self.model.lm_head(hidden if all_logits else hidden[-1]).float().numpy())
                 if layers:
                     # hidden_states[i]: after i blocks (0 = embeddings); the last one is normalized
-                    out_states.append(torch.stack([result.hidden_states[x][0] for x in layers]).float().numpy())
+                    rows = slice(-1, None) if last_states else slice(None)
+                    out_states.append(torch.stack([result.hidden_states[x][0, rows] for x in layers]).float().numpy())
         return (out_logits if logits else None), (out_states if layers else None)
 
     def token_bytes(self, ids: Sequence[int]) -> list[bytes]:
