@@ -44,10 +44,10 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 from fixtures.procs import stop  # noqa: E402  (one way to stop a process tree, shared with the Ray test)
+from report import write_section  # noqa: E402  (benchmarks/ is the script's folder)
 
 DATA = ROOT.parent / "shared" / "data" / "sst2_dev.jsonl"
 CLIENTS = 16
-BEGIN, END = "<!-- batch -->", "<!-- /batch -->"
 
 
 def cpu_model() -> str:
@@ -208,7 +208,7 @@ def run(args: argparse.Namespace, tmp: Path) -> dict:
 
 
 def markdown(r: dict) -> str:
-    lines = [BEGIN, "## Batch jobs (issue #14)", "",
+    lines = ["## Batch jobs (issue #14)", "",
              f"Machine: {r['machine']}. Run: {r['when']}. Command: `{r['command']}`. Task `{r['task']}`, model "
              f"`{r['model']}`, {r['rows']} SST-2 dev sentences, {r['threads']} thread(s) unless said.", "",
              "| run | threads | rows/s | wall s (whole command) | peak RSS MB |", "|---|---|---|---|---|"]
@@ -254,18 +254,7 @@ def markdown(r: dict) -> str:
                   f"({ray['wall_s'] / local['wall_s']:.2f}x); job rows/s {ray['rows_per_s']:.2f} against "
                   f"{local['rows_per_s']:.2f}."]
     lines += [f"- {n}" for n in r["notes"]]
-    lines.append(END)
     return "\n".join(lines) + "\n"
-
-
-def write_section(path: Path, section: str) -> None:
-    text = path.read_text(encoding="utf-8") if path.exists() else "# Benchmarks\n"
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        text = head + section.rstrip("\n") + rest.split(END, 1)[1]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    path.write_text(text, encoding="utf-8")
 
 
 def main() -> None:
@@ -288,7 +277,7 @@ def main() -> None:
     section = markdown(report)
     print(section)
     print(json.dumps(report), file=sys.stderr)
-    write_section(args.out, section)
+    write_section(args.out, "batch", section)
 
 
 if __name__ == "__main__":

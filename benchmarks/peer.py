@@ -73,6 +73,40 @@ def build(jobs: int = 2) -> dict[str, Path]:
     return out
 
 
+def server_cmd(tool: Path, gguf: Path, port: int, *, threads: int, parallel: int, ctx_per_slot: int = 4096) -> list[str]:
+    """``llama-server`` with ``parallel`` slots of ``ctx_per_slot`` tokens each (``-c`` is the
+    total, split over the slots), prompt cache on (its default), continuous batching on."""
+    return [str(tool), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port), "-t", str(threads),
+            "-tb", str(threads), "-np", str(parallel), "-c", str(parallel * ctx_per_slot), "--no-repack",
+            "--no-webui", "--log-disable"]
+
+
+def batched_bench(tool: Path, gguf: Path, *, threads: int, npl: list[int], pp: int = 128, tg: int = 16,
+                  unified: bool = False) -> list[dict]:
+    """``llama-batched-bench``: per number of sequences B, one ``pp``-token prompt each, then
+    ``tg`` decode steps of one token per sequence. Returns rows with ``step_ms`` (T_TG / tg) and
+    ``prefill_tok_s`` (S_PP).
+
+    Raises:
+        subprocess.CalledProcessError: the tool fails.
+    """
+    ctx = max(npl) * (pp + tg) + 16
+    cmd = [str(tool), "-m", str(gguf), "-t", str(threads), "-tb", str(threads), "-c", str(ctx), "-b", "512",
+           "-ub", "512", "-npp", str(pp), "-ntg", str(tg), "-npl", ",".join(map(str, npl)), "--no-repack",
+           "-fa", "off", "--output-format", "jsonl"]
+    if unified:
+        cmd.append("-kvu")
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    rows = []
+    for line in out.splitlines():
+        if line.startswith("{"):
+            import json
+
+            r = json.loads(line)
+            rows.append({"sequences": r["pl"], "step_ms": 1000 * r["t_tg"] / r["tg"], "prefill_tok_s": r["speed_pp"]})
+    return rows
+
+
 if __name__ == "__main__":
     for name, path in build().items():
         print(name, path)

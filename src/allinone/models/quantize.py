@@ -11,6 +11,7 @@ compute on some CPUs (see docs/benchmarks.md, "Weight formats").
 from __future__ import annotations
 
 import hashlib
+import importlib
 import os
 from pathlib import Path
 
@@ -36,6 +37,7 @@ def requantized(src: Path, weights: str, cache_dir: Path, *, threads: int | None
         if len(recorded) >= 2 and recorded[1] == str(target.stat().st_size):
             return target
     try:
+        importlib.import_module("allinone.backends.llamacpp")  # sets libgomp's spin count before llama.cpp loads
         import llama_cpp
     except ImportError as exc:  # pragma: no cover - depends on the install
         raise BackendUnavailableError("re-quantizing needs llama-cpp-python: pip install 'allinone[llamacpp]'") from exc
