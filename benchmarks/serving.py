@@ -90,7 +90,7 @@ def peak_rss_mb(pid: int) -> float:
 @contextmanager
 def server(cmd: list[str], port: int, ready_path: str, timeout: float = 900):
     """Start a server process, wait until ``ready_path`` answers 200, stop it afterwards."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(Path(__file__).parent)})
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + timeout
     try:
@@ -266,7 +266,7 @@ def chat_figures(base: str) -> dict:
 
 def bench_llama_server(gguf: Path, sentences: list[str], report: dict) -> None:
     port = free_port()
-    cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--port", str(port), "--n_ctx", "4096",
+    cmd = [sys.executable, "-c", PY_SERVER, "--model", str(gguf), "--port", str(port), "--n_ctx", "4096",
            "--n_threads", str(THREADS), "--n_threads_batch", str(THREADS)]
     try:
         ctx = server(cmd, port, "/v1/models")
@@ -290,38 +290,31 @@ def bench_llama_server(gguf: Path, sentences: list[str], report: dict) -> None:
 
 def engine_decode_steps(gguf: Path, npl: list[int], pp: int = 128, tg: int = 16) -> list[dict]:
     """The cost of one decode step of B sequences in allinone's llama.cpp backend, set up as
-    ``llama-batched-bench`` sets up its own (B distinct ``pp``-token prompts, then ``tg`` steps of
-    one token each): ``shipped`` as the engine runs it (fewer than MIN_DECODE_BATCH sequences are
-    decoded one llama_decode each), ``one decode`` with all B tokens in one llama_decode."""
-    from allinone.backends import llamacpp
+    ``llama-batched-bench`` sets up its own: B distinct ``pp``-token prompts, then ``tg`` steps of
+    one token per sequence (one ``forward`` call each, as the engine's decode loop makes them)."""
+    from allinone.backends.llamacpp import LlamaCppBackend
 
-    backend = llamacpp.LlamaCppBackend(gguf, n_threads=THREADS, kv_cache_mb=max(npl) * (pp + tg + 1) * 12 / 1024 + 8)
+    backend = LlamaCppBackend(gguf, n_threads=THREADS, kv_cache_mb=max(npl) * (pp + tg + 1) * 12 / 1024 + 8)
     base = backend.tokenize("The quick brown fox jumps over the lazy dog while the band plays on. " * 40)[: pp - 1]
-    shipped = llamacpp.MIN_DECODE_BATCH
     rows = []
     try:
         for n in npl:
-            row = {"sequences": n}
-            for mode, min_batch in (("shipped", shipped), ("one_decode", 1)):
-                llamacpp.MIN_DECODE_BATCH = min_batch
-                backend.kv.clear()
-                entries = []
-                for k in range(n):
-                    prompt = [base[k % len(base)], *base]  # distinct from the first token: no shared cells
-                    entry, _ = backend.kv.acquire(prompt)
-                    backend.forward([entry], [prompt], all_logits=False)
-                    entries.append(entry)
-                token = base[0]
-                backend.forward(entries, [[token]] * n)  # warm-up step
-                start = time.perf_counter()
-                for _ in range(tg):
-                    backend.forward(entries, [[token]] * n)
-                row[f"{mode}_step_ms"] = 1000 * (time.perf_counter() - start) / tg
-                for entry in entries:
-                    backend.kv.release(entry, keep=False)
-            rows.append(row)
+            backend.kv.clear()
+            entries = []
+            for k in range(n):
+                prompt = [base[k % len(base)], *base]  # distinct from the first token: no shared cells
+                entry, _ = backend.kv.acquire(prompt)
+                backend.forward([entry], [prompt])
+                entries.append(entry)
+            token = base[0]
+            backend.forward(entries, [[token]] * n)  # warm-up step
+            start = time.perf_counter()
+            for _ in range(tg):
+                backend.forward(entries, [[token]] * n)
+            rows.append({"sequences": n, "step_ms": 1000 * (time.perf_counter() - start) / tg})
+            for entry in entries:
+                backend.kv.release(entry, keep=False)
     finally:
-        llamacpp.MIN_DECODE_BATCH = shipped
         backend.close()
     return rows
 
@@ -336,8 +329,7 @@ def bench_batch_cost(gguf: Path, report: dict, npl: tuple[int, ...] = (1, 2, 4, 
     unified = peer.batched_bench(tools["llama-batched-bench"], gguf, threads=THREADS, npl=list(npl), unified=True)
     ours = engine_decode_steps(gguf, list(npl))
     report["batch_cost"] = [{"sequences": n, "peer_split_ms": a["step_ms"], "peer_unified_ms": b["step_ms"],
-                             "ours_shipped_ms": c["shipped_step_ms"], "ours_one_decode_ms": c["one_decode_step_ms"]}
-                            for n, a, b, c in zip(npl, split, unified, ours)]
+                             "ours_ms": c["step_ms"]} for n, a, b, c in zip(npl, split, unified, ours)]
 
 
 def bench_peer_server(gguf: Path, sentences: list[str], throughput_texts: list[str], report: dict) -> None:
@@ -378,12 +370,34 @@ def bench_peer_server(gguf: Path, sentences: list[str], throughput_texts: list[s
     report["peer"] = out
 
 
+def no_repack(default_params):
+    """llama.cpp's model defaults without "extra" (repacked) weight buffers: its AMX kernels crash
+    on this project's Xeon CPUs (see backends/llamacpp.py), and allinone loads without them too."""
+    def params():
+        p = default_params()
+        p.use_extra_bufts = False
+        return p
+    return params
+
+
+#: llama-cpp-python's server, started with the same no-repack model defaults
+PY_SERVER = ("import runpy, llama_cpp, serving; "
+             "llama_cpp.llama_cpp.llama_model_default_params = serving.no_repack(llama_cpp.llama_cpp.llama_model_default_params); "
+             "runpy.run_module('llama_cpp.server', run_name='__main__')")
+
+
 def bench_raw_decode(gguf: Path, report: dict, max_tokens: int = 96) -> None:
     """Decode tokens/s of llama-cpp-python's own ``Llama`` in process (greedy, the same chat
     prompts as the one-stream chat figure): the ceiling allinone's decode is compared with."""
+    import llama_cpp
     from llama_cpp import Llama
 
-    llm = Llama(model_path=str(gguf), n_ctx=4096, n_threads=THREADS, n_threads_batch=THREADS, verbose=False)
+    default = llama_cpp.llama_cpp.llama_model_default_params
+    llama_cpp.llama_cpp.llama_model_default_params = no_repack(default)
+    try:
+        llm = Llama(model_path=str(gguf), n_ctx=4096, n_threads=THREADS, n_threads_batch=THREADS, verbose=False)
+    finally:
+        llama_cpp.llama_cpp.llama_model_default_params = default
     rates, ttfts = [], []
     for prompt in CHAT_PROMPTS[:3]:
         start = time.perf_counter()
@@ -456,10 +470,10 @@ def markdown(report: dict) -> str:
                       f"time to first token {r['ttft_ms']:.0f} ms."]
     if report.get("batch_cost"):
         lines += ["", "## One decode step of B sequences (ms; B prompts of 128 tokens, then 16 steps of one token each)", "",
-                  "| B | llama-batched-bench, KV per sequence | llama-batched-bench `-kvu` (unified KV) | "
-                  "allinone backend as shipped | allinone backend, all B in one llama_decode |", "|---|---|---|---|---|"]
-        lines += [f"| {r['sequences']} | {r['peer_split_ms']:.1f} | {r['peer_unified_ms']:.1f} | {r['ours_shipped_ms']:.1f} | "
-                  f"{r['ours_one_decode_ms']:.1f} |" for r in report["batch_cost"]]
+                  "| B | llama-batched-bench, KV per sequence | llama-batched-bench `-kvu` (unified KV, as allinone) | "
+                  "allinone backend | allinone / `-kvu` |", "|---|---|---|---|---|"]
+        lines += [f"| {r['sequences']} | {r['peer_split_ms']:.1f} | {r['peer_unified_ms']:.1f} | {r['ours_ms']:.1f} | "
+                  f"{r['ours_ms'] / r['peer_unified_ms']:.2f}x |" for r in report["batch_cost"]]
     if report.get("contention"):
         c = report["contention"]
         lines += ["", "## Sentiment with one other CPU-bound process running", "",

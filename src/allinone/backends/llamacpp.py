@@ -43,11 +43,6 @@ _TURN_TOKENS = ("<|im_end|>", "<|endoftext|>", "<|im_start|>", "<|eot_id|>", "<e
 
 #: sequence ids of the llama.cpp context: cached and running sequences together
 N_SEQ_MAX = 64
-#: Fewer decode tokens than this are computed one llama_decode each. llama.cpp's CPU kernels are
-#: much faster per token for a single token (matrix-vector) than for a small batch: measured on
-#: the 0.5B Q4_K_M model, 1 thread, one token each of k sequences: k=1 20 ms, 2: 71 ms, 4: 96 ms,
-#: 8: 130 ms, 16: 164 ms. Batching pays from about 6 sequences on.
-MIN_DECODE_BATCH = 6
 
 
 class LlamaCppBackend(Backend):
@@ -226,12 +221,11 @@ class LlamaCppBackend(Backend):
             outputs.clear()
             n = 0
 
-        # One token of each of a few sequences: separate decodes are cheaper than one batch (see
-        # MIN_DECODE_BATCH); anything else goes in as few batches as n_batch allows.
-        separate = len(entries) < MIN_DECODE_BATCH and all(len(t) == 1 for t in new_tokens)
+        # All new tokens of all sequences in as few llama_decode calls as n_batch allows. One
+        # decode of one token from each of B sequences, 2 threads, 0.5B Q4_K_M: B=1 36 ms, 2: 41,
+        # 4: 61, 8: 101, 16: 176 (llama-batched-bench with unified KV: 40, 42, 59, 100, 177);
+        # B decodes of one token each cost B x 36 ms (docs/benchmarks.md).
         for i, (entry, new) in enumerate(zip(entries, new_tokens)):
-            if separate:
-                flush()
             start = len(entry.tokens)
             last = len(new) - 1
             for k, tok in enumerate(new):
