@@ -222,9 +222,9 @@ class LlamaCppBackend(Backend):
             n = 0
 
         # All new tokens of all sequences in as few llama_decode calls as n_batch allows. One
-        # decode of one token from each of B sequences, 2 threads, 0.5B Q4_K_M: B=1 36 ms, 2: 41,
-        # 4: 61, 8: 101, 16: 176 (llama-batched-bench with unified KV: 40, 42, 59, 100, 177);
-        # B decodes of one token each cost B x 36 ms (docs/benchmarks.md).
+        # decode of one token from each of B sequences, 2 threads, 0.5B Q4_K_M: B=1 40 ms, 2: 44,
+        # 4: 62, 8: 100, 16: 181 (llama-batched-bench with unified KV: 40, 43, 61, 101, 182),
+        # while B decodes of one token each cost B x 40 ms (docs/benchmarks.md).
         for i, (entry, new) in enumerate(zip(entries, new_tokens)):
             start = len(entry.tokens)
             last = len(new) - 1

@@ -4,8 +4,8 @@
 ``llama_model_quantize`` (``allow_requantize``: from the shipped Q4_K_M; a few seconds) into the
 cache as ``<name>.<format>.gguf`` with a ``.sha256`` sidecar, and later loads reuse it after
 checking its size and recorded SHA-256. Re-quantizing an already quantized model cannot add
-back precision: a Q8_0 made from Q4_K_M holds the Q4_K_M values in a layout that is faster to
-compute on some CPUs (see docs/benchmarks.md, "Weight formats").
+back precision: a Q8_0 made from Q4_K_M holds the Q4_K_M values in a layout that may be faster
+to compute on some CPUs (not yet measured here: docs/benchmarks.md says so).
 """
 
 from __future__ import annotations
