@@ -13,6 +13,7 @@ too, so the comparison is like for like.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -75,7 +76,8 @@ def build(jobs: int = 2) -> dict[str, Path]:
 
 def server_cmd(tool: Path, gguf: Path, port: int, *, threads: int, parallel: int, ctx_per_slot: int = 4096) -> list[str]:
     """``llama-server`` with ``parallel`` slots of ``ctx_per_slot`` tokens each (``-c`` is the
-    total, split over the slots), prompt cache on (its default), continuous batching on."""
+    total, split over the slots), otherwise its own defaults (prompt cache and continuous
+    batching on, flash attention "auto")."""
     return [str(tool), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port), "-t", str(threads),
             "-tb", str(threads), "-np", str(parallel), "-c", str(parallel * ctx_per_slot), "--no-repack",
             "--no-webui", "--log-disable"]
@@ -100,8 +102,6 @@ def batched_bench(tool: Path, gguf: Path, *, threads: int, npl: list[int], pp: i
     rows = []
     for line in out.splitlines():
         if line.startswith("{"):
-            import json
-
             r = json.loads(line)
             rows.append({"sequences": r["pl"], "step_ms": 1000 * r["t_tg"] / r["tg"], "prefill_tok_s": r["speed_pp"]})
     return rows
