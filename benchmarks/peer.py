@@ -84,7 +84,7 @@ def server_cmd(tool: Path, gguf: Path, port: int, *, threads: int, parallel: int
 
 
 def batched_bench(tool: Path, gguf: Path, *, threads: int, npl: list[int], pp: int = 128, tg: int = 16,
-                  unified: bool = False) -> list[dict]:
+                  unified: bool = False, env: dict[str, str] | None = None) -> list[dict]:
     """``llama-batched-bench``: per number of sequences B, one ``pp``-token prompt each, then
     ``tg`` decode steps of one token per sequence. Returns rows with ``step_ms`` (T_TG / tg) and
     ``prefill_tok_s`` (S_PP).
@@ -98,7 +98,7 @@ def batched_bench(tool: Path, gguf: Path, *, threads: int, npl: list[int], pp: i
            "-fa", "off", "--output-format", "jsonl"]
     if unified:
         cmd.append("-kvu")
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
     rows = []
     for line in out.splitlines():
         if line.startswith("{"):

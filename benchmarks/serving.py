@@ -22,7 +22,7 @@ threads each):
   streams, time to first token by turn 1..10 of one conversation: allinone, ``llama-server``
   (1 slot; 8 slots for the 8 streams); raw llama-cpp-python decode in process;
 * one decode step of 1..16 sequences: ``llama-batched-bench`` (KV per sequence and unified)
-  against allinone's backend as shipped and with every sequence in one ``llama_decode``;
+  against allinone's backend;
 * peak RSS of each server process (VmHWM from /proc);
 * the issue's targets, met or not.
 
@@ -51,6 +51,16 @@ from report import write_section  # benchmarks/ is the script's folder
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT.parent / "shared" / "data" / "sst2_dev.jsonl"
+#: the caller's libgomp spin count, read before allinone's llama.cpp backend sets its own default
+#: in this process: child processes (the peers) run with their own defaults, not inherited ones
+USER_SPIN = os.environ.get("GOMP_SPINCOUNT")
+
+
+def child_env() -> dict[str, str]:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(Path(__file__).parent)}
+    if USER_SPIN is None:
+        env.pop("GOMP_SPINCOUNT", None)
+    return env
 
 
 def sentiment_messages(text: str) -> list[dict]:
@@ -90,7 +100,7 @@ def peak_rss_mb(pid: int) -> float:
 @contextmanager
 def server(cmd: list[str], port: int, ready_path: str, timeout: float = 900):
     """Start a server process, wait until ``ready_path`` answers 200, stop it afterwards."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(Path(__file__).parent)})
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=child_env())
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + timeout
     try:
@@ -154,13 +164,13 @@ def bench_allinone(backend: str, sentences: list[str], throughput_texts: list[st
         report["rss"].append({"system": f"allinone serve ({backend})", "peak_rss_mb": peak_rss_mb(proc.pid)})
 
 
-BUSY = "python -c 'while True: pass'"
+BUSY = "while True: pass"  # one single-threaded CPU-bound process
 
 
 def contention(ask, sentences: list[str]) -> dict:
     """p50 of ``ask`` over ``sentences`` idle, then while one single-threaded busy loop runs."""
     idle = timed(ask, sentences)
-    other = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    other = subprocess.Popen([sys.executable, "-c", BUSY])
     try:
         time.sleep(1)
         busy = timed(ask, sentences)
@@ -168,7 +178,7 @@ def contention(ask, sentences: list[str]) -> dict:
         other.kill()
         other.wait()
     return {"n": len(sentences), "idle_p50_ms": 1000 * statistics.median(idle),
-            "busy_p50_ms": 1000 * statistics.median(busy), "other": BUSY}
+            "busy_p50_ms": 1000 * statistics.median(busy), "other": f"python -c '{BUSY}'"}
 
 
 def bench_floor(gguf: Path, sentences: list[str], report: dict) -> None:
@@ -259,10 +269,15 @@ def turn_ttfts(base: str) -> list[float]:
     return turns
 
 
-def chat_figures(base: str) -> dict:
+def one_stream(base: str) -> dict:
+    """Median time to first token and decode tokens/s of 3 chat prompts, one at a time."""
     one = [stream_chat(base, [{"role": "user", "content": p}]) for p in CHAT_PROMPTS[:3]]
+    return {"ttft_ms": 1000 * statistics.median(x[0] for x in one), "decode_tok_s": statistics.median(x[1] for x in one)}
+
+
+def chat_figures(base: str) -> dict:
     return {
-        "one_stream": {"ttft_ms": 1000 * statistics.median(x[0] for x in one), "decode_tok_s": statistics.median(x[1] for x in one)},
+        "one_stream": one_stream(base),
         "eight_streams": eight_streams(base),
         "eight_streams_sampled": eight_streams(base, temperature=0.7),
         "ttft_ms_by_turn": turn_ttfts(base),
@@ -330,8 +345,9 @@ def bench_batch_cost(gguf: Path, report: dict, npl: tuple[int, ...] = (1, 2, 4, 
     import peer
 
     tools = peer.build()
-    split = peer.batched_bench(tools["llama-batched-bench"], gguf, threads=THREADS, npl=list(npl))
-    unified = peer.batched_bench(tools["llama-batched-bench"], gguf, threads=THREADS, npl=list(npl), unified=True)
+    split = peer.batched_bench(tools["llama-batched-bench"], gguf, threads=THREADS, npl=list(npl), env=child_env())
+    unified = peer.batched_bench(tools["llama-batched-bench"], gguf, threads=THREADS, npl=list(npl), unified=True,
+                                 env=child_env())
     ours = engine_decode_steps(gguf, list(npl))
     report["batch_cost"] = [{"sequences": n, "peer_split_ms": a["step_ms"], "peer_unified_ms": b["step_ms"],
                              "ours_ms": c["step_ms"]} for n, a, b, c in zip(npl, split, unified, ours)]
@@ -359,9 +375,7 @@ def bench_peer_server(gguf: Path, sentences: list[str], throughput_texts: list[s
             ask(client, "warm up")
             if parallel == 1:
                 report["latency"].append(latency_row("llama-server (-np 1, max_tokens 1)", timed(functools.partial(ask, client), sentences)))
-                one = [stream_chat(base, [{"role": "user", "content": p}]) for p in CHAT_PROMPTS[:3]]
-                out["one_stream"] = {"ttft_ms": 1000 * statistics.median(x[0] for x in one),
-                                     "decode_tok_s": statistics.median(x[1] for x in one)}
+                out["one_stream"] = one_stream(base)
                 out["ttft_ms_by_turn"] = turn_ttfts(base)
             elif parallel == 16:
                 with httpx.Client(base_url=base, timeout=600, limits=httpx.Limits(max_connections=16)) as many:
