@@ -441,16 +441,19 @@ def fit(
     cv = report["cv"]
     print(f"{task}: {report['data']['rows']} rows ({report['seconds']} s, {report['rows_per_second']} rows/s)")
     if report["method"] == "tagger":
+        def line(name: str, r: dict) -> None:
+            print(f"  {name:40} held-out P {r['precision']:.4f}  R {r['recall']:.4f}  F1 {r['f1']:.4f}")
+
         for variant in ("echo", "raw"):
             if variant in cv:
                 for layer, r in cv[variant]["by_layer"].items():
-                    mark = "  <- chosen" if (variant, int(layer)) == (cv["chosen"]["prompt"], cv["chosen"]["layer"]) else ""
-                    print(f"  {variant:5} layer {layer:>2}  held-out P {r['precision']:.4f}  R {r['recall']:.4f}  "
-                          f"F1 {r['f1']:.4f}{mark}")
+                    line(f"{variant} layer {layer}", r)
+        chosen = cv["chosen"]
+        print(f"  chosen: {chosen['prompt']} layer {'+'.join(map(str, chosen['layers']))}")
     for name in ("prompt", "calibrate", "head", "head+logprobs"):
         if name in cv:
             r = cv[name]
-            extra = f"  layer {r['layer']}" if "layer" in r else ""
+            extra = f"  layer {'+'.join(map(str, r['layers']))}" if r.get("layers") else ""
             flip = f"  flip rate {r['flip_rate']}" if "flip_rate" in r else ""
             mark = "  <- chosen" if name == report["method"] else ""
             print(f"  {name:14} CV accuracy {r['accuracy']:.4f}  macro-F1 {r['macro_f1']:.4f}{flip}{extra}{mark}")

@@ -69,6 +69,8 @@ def test_fit_learns_a_separable_rule_and_every_call_uses_it(tiny_ai):
     assert report["method"] == "head" and report["path"].endswith(".safetensors")
     assert report["path"].startswith(str(tmp / "tasks"))  # next to the task's declaration
     assert report["cv"]["head"]["accuracy"] > 0.8 and report["cv"]["prompt"]["accuracy"] < 0.75
+    tried = report["cv"]["head"]["by_layer"]
+    assert len(tried) >= 2 and any("+" in k for k in tried)  # each layer alone, and all side by side
     held_back = synthetic(60, seed=2)
     learned = [ai.run("animal", r["text"]).label == r["label"] for r in held_back]
     assert np.mean(learned) > 0.8 > np.mean(prompted)
@@ -77,6 +79,20 @@ def test_fit_learns_a_separable_rule_and_every_call_uses_it(tiny_ai):
     # analyze serves it the same way
     assert ai.analyze(held_back[0]["text"], tasks=["animal", "sentiment"]).results["animal"].scores == \
         pytest.approx(ai.run("animal", held_back[0]["text"]).scores, abs=1e-4)
+
+
+def test_a_head_reads_several_layers_side_by_side():
+    from allinone.learn.fit import Features
+    from allinone.tasks.kinds.classify import LearnedHead
+
+    states = np.arange(2 * 3 * 4, dtype=np.float64).reshape(2, 3, 4)  # 2 rows, 3 layers, 4 dims
+    feats = Features(np.zeros((2, 2)), states, (8, 12, 16))
+    assert feats.matrix("head", (12,)).tolist() == states[:, 1].tolist()
+    both = feats.matrix("head+logprobs", (8, 16))
+    assert both.shape == (2, 10) and both[1, :4].tolist() == states[1, 0].tolist()
+    assert both[1, 4:8].tolist() == states[1, 2].tolist()
+    head = LearnedHead("head", (8, 16), None)  # type: ignore[arg-type]
+    assert head.features(np.zeros(2), states[1, [0, 2]]).tolist() == feats.matrix("head", (8, 16))[1].tolist()
 
 
 def test_an_artifact_round_trips(tmp_path):

@@ -9,8 +9,8 @@ at a few layers. The methods compared:
 * ``calibrate``: a linear head over the label log-probabilities only, i.e. a calibration of
   the prompt path fitted on the rows (a learned generalization of contextual calibration,
   Zhao et al. 2021, "Calibrate Before Use");
-* ``head``: a linear head (logistic regression) over the hidden state of one layer, the layer
-  chosen by cross-validation;
+* ``head``: a linear head (logistic regression) over the hidden state of one layer, or of all
+  the candidate layers side by side, chosen by cross-validation;
 * ``head+logprobs``: the same with the label log-probabilities as further features.
 
 Every method is scored by stratified k-fold cross-validation on the rows (out-of-fold
@@ -45,20 +45,21 @@ class Features:
     states: np.ndarray
     layers: tuple[int, ...]
 
-    def matrix(self, method: str, layer: int | None) -> np.ndarray:
+    def matrix(self, method: str, layers: tuple[int, ...]) -> np.ndarray:
+        """(N, F) features of ``method`` reading the states at ``layers`` (side by side)."""
         if method == "calibrate":
             return self.logp
-        state = self.states[:, self.layers.index(layer)]
+        state = self.states[:, [self.layers.index(x) for x in layers]].reshape(len(self.states), -1)
         return np.hstack([state, self.logp]) if method == "head+logprobs" else state
 
 
 @dataclass(frozen=True)
 class Choice:
-    """A fitted method: its name, the layer it reads (heads), the head (None for ``prompt``),
-    and the cross-validation report of every method tried."""
+    """A fitted method: its name, the layers whose states it reads (heads; ``()`` otherwise), the
+    head (None for ``prompt``), and the cross-validation report of every method tried."""
 
     method: str
-    layer: int | None
+    layers: tuple[int, ...]
     c: float | None
     head: LinearHead | None
     report: dict[str, Any]
@@ -102,7 +103,7 @@ def choose(features: Features, y: Sequence[str], labels: Sequence[str], *, clean
     fold_ids = [clean_idx[f] for f in stratified_folds(y[clean_idx], folds, seed)]
     copies = np.flatnonzero(~clean)
     report: dict[str, Any] = {"folds": folds, "rows": int(clean.sum()), "injected_copies": int(len(copies))}
-    candidates: list[tuple[float, str, int | None, float | None]] = []
+    candidates: list[tuple[float, str, tuple[int, ...], float | None]] = []
 
     def scored(probs: np.ndarray) -> dict[str, float]:
         pred = np.array(labels)[probs.argmax(axis=1)]
@@ -114,12 +115,14 @@ def choose(features: Features, y: Sequence[str], labels: Sequence[str], *, clean
     prompt_probs = np.exp(features.logp - features.logp.max(axis=1, keepdims=True))
     if "prompt" in methods:
         report["prompt"] = scored(prompt_probs)
-        candidates.append((report["prompt"]["macro_f1"], "prompt", None, None))
+        candidates.append((report["prompt"]["macro_f1"], "prompt", (), None))
     for method in [m for m in methods if m in LEARNED]:
         note(method)
-        layers = [None] if method == "calibrate" else list(features.layers)
+        reads: list[tuple[int, ...]] = [()] if method == "calibrate" else [(x,) for x in features.layers]
+        if method != "calibrate" and len(features.layers) > 1:
+            reads.append(tuple(features.layers))
         per_layer = {}
-        for layer in layers:  # the layer by CV at the middle C, then C for that layer
+        for layer in reads:  # the layers by CV at the middle C, then C for those
             x = features.matrix(method, layer)
             per_layer[layer] = scored(cross_val_predict(x, y, labels, c=C_GRID[1], folds=fold_ids, groups=groups))
         best_layer = max(per_layer, key=lambda k: per_layer[k]["macro_f1"])
@@ -129,9 +132,9 @@ def choose(features: Features, y: Sequence[str], labels: Sequence[str], *, clean
             per_c[c] = scored(cross_val_predict(x, y, labels, c=c, folds=fold_ids, groups=groups))
         best_c = max(per_c, key=lambda k: per_c[k]["macro_f1"])
         entry = {**per_c[best_c], "c": best_c}
-        if best_layer is not None:
-            entry["layer"] = best_layer
-            entry["by_layer"] = {str(k): v["macro_f1"] for k, v in per_layer.items()}
+        if best_layer:
+            entry["layers"] = list(best_layer)
+            entry["by_layer"] = {"+".join(map(str, k)): v["macro_f1"] for k, v in per_layer.items()}
         report[method] = entry
         candidates.append((entry["macro_f1"], method, best_layer, best_c))
     _, method, layer, c = max(candidates, key=lambda t: (t[0], t[1] == "prompt"))

@@ -87,20 +87,18 @@ class ClassifyTask:
 @dataclass(frozen=True)
 class LearnedHead:
     """A classify task's learned method: ``method`` (``calibrate``, ``head``, ``head+logprobs``),
-    the layer whose last-token state it reads (``None`` for ``calibrate``) and the linear head
-    over those features (see :mod:`allinone.learn.fit`)."""
+    the layers whose last-token states it reads side by side (``()`` for ``calibrate``) and the
+    linear head over those features (see :mod:`allinone.learn.fit`)."""
 
     method: str
-    layer: int | None
+    layers: tuple[int, ...]
     head: LinearHead
 
-    @property
-    def layers(self) -> tuple[int, ...]:
-        return (self.layer,) if self.layer is not None else ()
-
-    def features(self, log_label_probs: np.ndarray, state: np.ndarray | None) -> np.ndarray:
+    def features(self, log_label_probs: np.ndarray, states: np.ndarray | None) -> np.ndarray:
+        """(C,) label log-probs and (len(layers), D) states -> the head's (F,) features."""
         if self.method == "calibrate":
             return log_label_probs
+        state = np.asarray(states).reshape(-1)
         if self.method == "head":
             return state
         return np.concatenate([state, log_label_probs])
@@ -108,8 +106,9 @@ class LearnedHead:
     @classmethod
     def from_artifact(cls, artifact: Artifact) -> "LearnedHead":
         meta = artifact.meta
-        return cls(meta["method"], meta["features"].get("layer"),
-                   LinearHead.from_tensors(meta["labels"], artifact.tensors))
+        f = meta["features"]
+        layers = f["layers"] if "layers" in f else [f["layer"]] if f.get("layer") is not None else []
+        return cls(meta["method"], tuple(layers), LinearHead.from_tensors(meta["labels"], artifact.tensors))
 
 
 class ClassifyKind(TaskKind):
@@ -186,8 +185,7 @@ class ClassifyKind(TaskKind):
         scores = compiled.label_probs(main.logprobs)
         if compiled.learned is not None:
             learned = compiled.learned
-            state = main.hidden[0] if main.hidden is not None else None
-            probs = learned.head.probs(learned.features(compiled.log_label_probs(main.logprobs), state))
+            probs = learned.head.probs(learned.features(compiled.log_label_probs(main.logprobs), main.hidden))
             scores = dict(zip(learned.head.labels, (float(p) for p in probs)))
         elif compiled.calibrate:
             if len(outputs) > 1:
@@ -293,6 +291,6 @@ def fit_classify(kind: ClassifyKind, spec: "TaskSpec", data: "TrainingData", lab
         progress(min(start + chunk, len(texts)), len(texts))
     features = Features(np.stack(logp), np.stack(states), layers)
     choice = choose(features, y, labels, clean=clean, groups=np.array(groups), methods=methods)
-    described = {"prompt": "the task's own prompt, state of its last token", "layer": choice.layer,
+    described = {"prompt": "the task's own prompt, state of its last token", "layers": list(choice.layers),
                  "logprobs": choice.method in ("calibrate", "head+logprobs")}
     return choice, described
