@@ -194,32 +194,34 @@ def select_tagger(features: dict[str, list[tuple[np.ndarray, list, str]]], spans
     held[rng.permutation(n)[: max(1, int(holdout * n))]] = True
     report: dict[str, Any] = {"rows": n, "held_out": int(held.sum()), "c": c, "split_chars": split_chars}
     index = {layer: k for k, layer in enumerate(layers)}
+    gold = {v: [token_tags(text, off, s, tags) for (_, off, text), s in zip(feats, spans)]
+            for v, feats in features.items()}
+    fit_rows, held_rows = np.flatnonzero(~held), np.flatnonzero(held)
 
-    def fit(variant: str, read: tuple[int, ...], rows: np.ndarray, gold: list[list[int]]) -> Tagger:
-        feats = features[variant]
-        x = np.vstack([head_features(feats[i][0][[index[r] for r in read]]) for i in rows])
-        y = np.concatenate([gold[i] for i in rows])
+    def states(variant: str, i: int, read: tuple[int, ...]) -> np.ndarray:
+        return features[variant][i][0][[index[r] for r in read]]
+
+    def fit(variant: str, read: tuple[int, ...], rows: np.ndarray) -> Tagger:
+        x = np.vstack([head_features(states(variant, i, read)) for i in rows])
+        y = np.concatenate([gold[variant][i] for i in rows])
         return Tagger(variant, read, split_chars, tags, fit_linear(x, [tags[i] for i in y], tags, c=c, balanced=False))
 
     reads = [(x,) for x in layers] + ([tuple(layers)] if len(layers) > 1 else [])
     best: tuple[float, str, tuple[int, ...]] | None = None
     for variant, feats in features.items():
-        gold = [token_tags(text, off, s, tags) for (_, off, text), s in zip(feats, spans)]
         by_layer = {}
         for read in reads:
-            tagger = fit(variant, read, np.flatnonzero(~held), gold)
-            pred = [tagger.decode(feats[i][2], feats[i][0][[index[r] for r in read]], feats[i][1])
-                    for i in np.flatnonzero(held)]
+            tagger = fit(variant, read, fit_rows)
+            pred = [tagger.decode(feats[i][2], states(variant, i, read), feats[i][1]) for i in held_rows]
             name = "+".join(map(str, read))
-            by_layer[name] = span_scores([spans[i] for i in np.flatnonzero(held)], pred)
+            by_layer[name] = span_scores([spans[i] for i in held_rows], pred)
             if best is None or by_layer[name]["f1"] > best[0]:
                 best = (by_layer[name]["f1"], variant, read)
         oracle = span_scores(spans, [spans_from_tags(text, off, g, tags)
-                                     for (_, off, text), g in zip(feats, gold)])["f1"]
+                                     for (_, off, text), g in zip(feats, gold[variant])])["f1"]
         report[variant] = {"by_layer": by_layer, "token_alignment_f1": oracle}
     _, variant, read = best
-    gold = [token_tags(text, off, s, tags) for (_, off, text), s in zip(features[variant], spans)]
-    tagger = fit(variant, read, np.arange(n), gold)
+    tagger = fit(variant, read, np.arange(n))
     report["chosen"] = {"prompt": variant, "layers": list(read),
                         **report[variant]["by_layer"]["+".join(map(str, read))]}
     return tagger, report
