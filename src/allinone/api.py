@@ -247,7 +247,8 @@ class AllInOne:
         request = self._chat_request(messages, system, sampling, mood=sentiment.label)
         return sentiment, self._reply(request, timeout, retry_from=plain, mood=sentiment.label)
 
-    def fit(self, task: str, data: str | Path | Sequence[str | Path], *, method: str = "auto", limit: int | None = None,
+    def fit(self, task: str, data: str | Path | Sequence[str | Path], *, method: str = "auto",
+            limit: int | Sequence[int] | None = None,
             augment: bool = True, split_chars: bool | None = None,
             progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
         """Learn ``task`` from labelled rows and save what was learned for this model.
@@ -268,7 +269,8 @@ class AllInOne:
             data: the JSONL file, or several (their rows together).
             method: ``auto`` (the best by cross-validation), or one of ``calibrate``, ``head``,
                 ``head+logprobs`` (``prompt`` is always scored, for comparison).
-            limit: only the first ``limit`` rows of each file.
+            limit: only the first ``limit`` rows of each file, or one number per file (in the
+                order of ``data``).
             augment: classify tasks: also train on copies of 30% of the rows with an instruction
                 appended (robustness to instructions inside the text).
             split_chars: span tasks: read every CJK character as a token of its own (so each

@@ -407,7 +407,7 @@ def fit(
     task: Annotated[str, typer.Argument(help="a classify task (see `allinone tasks`)")],
     data: Annotated[list[Path], typer.Option("--data", "-d", help="JSONL rows with 'text' and 'label' (repeatable)")],
     method: Annotated[str, typer.Option(help="auto (best by cross-validation); classify: calibrate, head or head+logprobs; span tasks: tagger")] = "auto",
-    limit: Annotated[Optional[int], typer.Option(help="only the first N rows of each file")] = None,
+    limit: Annotated[Optional[list[int]], typer.Option(help="only the first N rows of each file; repeated: one N per --data file, in order")] = None,
     augment: Annotated[bool, typer.Option("--augment/--no-augment", help="classify: also train on copies with an instruction appended")] = True,
     split_chars: Annotated[Optional[bool], typer.Option("--split-chars/--no-split-chars", help="span tasks: a token per CJK character (default: when any row is CJK text)")] = None,
     as_json: JsonOpt = False, options: Optional[dict] = None,
@@ -442,14 +442,16 @@ def fit(
     print(f"{task}: {report['data']['rows']} rows ({report['seconds']} s, {report['rows_per_second']} rows/s)")
     if report["method"] == "tagger":
         def line(name: str, r: dict) -> None:
-            print(f"  {name:40} held-out P {r['precision']:.4f}  R {r['recall']:.4f}  F1 {r['f1']:.4f}")
+            langs = "".join(f"  {g} {f:.4f}" for g, f in r.get("f1_by_language", {}).items())
+            print(f"  {name:40} held-out P {r['precision']:.4f}  R {r['recall']:.4f}  F1 {r['f1']:.4f}{langs}")
 
         for variant in ("echo", "raw"):
             if variant in cv:
                 for layer, r in cv[variant]["by_layer"].items():
                     line(f"{variant} layer {layer}", r)
         chosen = cv["chosen"]
-        print(f"  chosen: {chosen['prompt']} layer {'+'.join(map(str, chosen['layers']))}")
+        heads = "one head per language" if chosen.get("heads", ["all"]) != ["all"] else "one head"
+        print(f"  chosen: {chosen['prompt']} layer {'+'.join(map(str, chosen['layers']))}, {heads}")
     for name in ("prompt", "calibrate", "head", "head+logprobs"):
         if name in cv:
             r = cv[name]

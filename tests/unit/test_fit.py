@@ -142,6 +142,18 @@ def test_bad_training_data_is_refused_with_file_and_line(tmp_path, lines, messag
         load_labelled(path, ["zebra", "yak"])
 
 
+def test_a_row_limit_is_one_for_every_file_or_one_per_file(tmp_path):
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    for path, word in ((a, "zebra"), (b, "yak")):
+        path.write_text("".join(json.dumps({"text": f"a {word} {i}", "label": lab}) + "\n"
+                                for i in range(30) for lab in ("zebra", "yak")), encoding="utf-8")
+    assert [n for _, _, n in load_labelled([a, b], ["zebra", "yak"], limit=20).files] == [20, 20]
+    rows = load_labelled([a, b], ["zebra", "yak"], limit=[24, 10])
+    assert [n for _, _, n in rows.files] == [24, 10] and rows.texts[23] == "a zebra 11" and rows.texts[24] == "a yak 0"
+    with pytest.raises(TrainingDataError, match="3 row limits for 2 files"):
+        load_labelled([a, b], ["zebra", "yak"], limit=[5, 5, 5])
+
+
 def test_bad_span_data_is_refused_with_file_and_line(tmp_path):
     def check(entities, message):
         path = tmp_path / "spans.jsonl"
@@ -190,10 +202,10 @@ def test_a_task_fit_from_the_cli_is_served_over_http_with_what_it_learned(tiny_a
     from allinone.server import create_app
 
     ai, tmp = tiny_ai
-    data = write_rows(tmp / "train.jsonl", synthetic(120, seed=4))
+    data = write_rows(tmp / "train.jsonl", synthetic(150, seed=4))
     model = ["--model", str(tmp / "model.gguf"), "--backend", "llamacpp", "--n-ctx", "1024",
              "--cache-dir", str(tmp / "cache"), "--tasks-dir", str(tmp / "tasks")]
-    out = CliRunner().invoke(app, ["fit", "animal", "--data", data, "--method", "head", "--json", *model])
+    out = CliRunner().invoke(app, ["fit", "animal", "--data", data, "--limit", "120", "--method", "head", "--json", *model])
     assert out.exit_code == 0, out.output
     report = json.loads(out.stdout.strip().splitlines()[-1])
     assert report["method"] == "head" and report["data"]["rows"] == 120

@@ -44,7 +44,7 @@ def test_a_tagger_reading_several_layers_round_trips_through_its_artifact():
 
     rng = np.random.default_rng(0)
     head = LinearHead(tuple(TAGS), np.zeros(4), np.ones(4), rng.normal(size=(5, 4)), rng.normal(size=5))
-    tagger = Tagger("echo", (3, 5), False, tuple(TAGS), head)  # 2 layers x 2 dims, side by side
+    tagger = Tagger("echo", (3, 5), False, tuple(TAGS), {"all": head})  # 2 layers x 2 dims, side by side
     back = Tagger.from_artifact(Artifact(tagger.meta(), tagger.tensors()))
     states = rng.normal(size=(2, 4, 2)).astype(np.float32)  # (layers, tokens, dims)
     offsets = [(0, 2), (2, 4), (4, 6), (6, 8)]
@@ -54,11 +54,73 @@ def test_a_tagger_reading_several_layers_round_trips_through_its_artifact():
     x = np.hstack([states[0], states[1]])
     path = viterbi(np.log(head.probs(x)), TAGS)
     assert tagger.decode("abcdefgh", states, offsets) == spans_from_tags("abcdefgh", offsets, path, TAGS)
-    # an artifact written before layer sets existed ("layer": one int) still reads
+    # an artifact written before layer sets and heads per language existed ("layer": one int,
+    # one head with unprefixed tensors) still reads
     plain = LinearHead(tuple(TAGS), np.zeros(2), np.ones(2), rng.normal(size=(5, 2)), rng.normal(size=5))
-    meta = {**tagger.meta(), "features": {"prompt": "echo", "layer": 3, "split_chars": False}}
+    meta = {k: v for k, v in tagger.meta().items() if k != "heads"}
+    meta["features"] = {"prompt": "echo", "layer": 3, "split_chars": False}
     old = Tagger.from_artifact(Artifact(meta, plain.tensors()))
-    assert old.layers == (3,) and isinstance(old.decode("abcdefgh", states[:1], offsets), list)
+    assert old.layers == (3,) and old.decode("abcdefgh", states[:1], offsets) == spans_from_tags(
+        "abcdefgh", offsets, viterbi(np.log(plain.probs(states[0])), TAGS), TAGS)
+
+
+def test_a_tagger_with_a_head_per_language_tags_each_window_with_its_languages_head():
+    from allinone.learn.artifacts import Artifact
+    from allinone.learn.heads import LinearHead
+    from allinone.tasks.kinds.tagger import Tagger
+
+    def always(tag: str) -> LinearHead:  # a head that gives every token ``tag``
+        bias = np.full(len(TAGS), -10.0)
+        bias[TAGS.index(tag)] = 10.0
+        return LinearHead(tuple(TAGS), np.zeros(2), np.ones(2), np.zeros((len(TAGS), 2)), bias)
+
+    tagger = Tagger("echo", (3,), True, tuple(TAGS), {"en": always("B-PER"), "zh": always("B-LOC")})
+    back = Tagger.from_artifact(Artifact(tagger.meta(), tagger.tensors()))
+    states = np.zeros((1, 2, 2), dtype=np.float32)
+    for t in (tagger, back):
+        assert t.decode("Ann Bo", states, [(0, 3), (3, 6)]) == [(0, 3, "PER"), (4, 6, "PER")]
+        assert t.decode("北京上海", states, [(0, 2), (2, 4)]) == [(0, 2, "LOC"), (2, 4, "LOC")]
+
+
+def _synthetic_rows(rng, lang_words, n):
+    """Rows whose tokens have 2-dim states: a token is an entity where feature 0 is high, of type
+    PER in English and LOC in Chinese, so one head cannot tag both languages."""
+    rows, spans = [], []
+    for _ in range(n):
+        lang = rng.choice(list(lang_words))
+        words = [lang_words[lang][rng.integers(2)] for _ in range(5)]
+        sep = " " if lang == "en" else ""
+        text, offsets, states, gold = "", [], [], []
+        for k, w in enumerate(words):
+            start = len(text) + (len(sep) if k else 0)
+            text = text + (sep if k else "") + w
+            offsets.append((start - (len(sep) if k else 0), len(text)))
+            is_entity = rng.random() < 0.4
+            states.append([2.0 if is_entity else -2.0, rng.normal()])
+            if is_entity:
+                gold.append((start, len(text), "PER" if lang == "en" else "LOC"))
+        rows.append((np.array([states], dtype=np.float16), offsets, text))
+        spans.append(gold)
+    return rows, spans
+
+
+def test_select_tagger_keeps_a_head_per_language_when_one_head_cannot_tag_both():
+    pytest.importorskip("sklearn")
+    from allinone.tasks.kinds.tagger import select_tagger
+
+    rng = np.random.default_rng(0)
+    rows, spans = _synthetic_rows(rng, {"en": ("Ann", "Bob"), "zh": ("北京", "上海")}, 200)
+    tagger, report = select_tagger({"echo": rows}, spans, ["PER", "LOC"], (7,), split_chars=True)
+    tried = report["echo"]["by_layer"]
+    assert set(tried) == {"7", "7 per language"}
+    assert tried["7 per language"]["f1"] > 0.95 > tried["7"]["f1"] + 0.2
+    assert set(tried["7"]["f1_by_language"]) == {"en", "zh"}
+    assert sorted(tagger.heads) == ["en", "zh"] and report["chosen"]["heads"] == ["en", "zh"]
+    # rows of one language: no heads per language to try
+    en = [i for i, (_, _, text) in enumerate(rows) if text.isascii()]
+    tagger, report = select_tagger({"echo": [rows[i] for i in en]}, [spans[i] for i in en], ["PER", "LOC"], (7,),
+                                   split_chars=True)
+    assert set(report["echo"]["by_layer"]) == {"7"} and list(tagger.heads) == ["all"]
 
 
 def test_span_scores():

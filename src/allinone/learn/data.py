@@ -47,6 +47,21 @@ def _paths(path: str | Path | Sequence[str | Path]) -> list[Path]:
     return [Path(path)] if isinstance(path, (str, Path)) else [Path(p) for p in path]
 
 
+#: a row limit: one for every file, one per file (in the files' order), or none
+Limit = int | Sequence[int] | None
+
+
+def _limits(paths: Sequence[Path], limit: Limit) -> list[int | None]:
+    if limit is None or isinstance(limit, int):
+        return [limit] * len(paths)
+    limits = list(limit)
+    if len(limits) == 1:
+        return limits * len(paths)
+    if len(limits) != len(paths):
+        raise TrainingDataError(f"{len(limits)} row limits for {len(paths)} files: give one, or one per file")
+    return limits
+
+
 def _rows(path: Path, limit: int | None) -> list[tuple[int, dict[str, Any]]]:
     if not path.is_file():
         raise TrainingDataError(f"no such training file: {path}")
@@ -85,20 +100,22 @@ def _sha256(path: Path) -> str:
 
 
 def load_labelled(path: str | Path | Sequence[str | Path], labels: Sequence[str] | None, *,
-                  limit: int | None = None, min_per_label: int = MIN_ROWS_PER_LABEL) -> TrainingData:
+                  limit: Limit = None, min_per_label: int = MIN_ROWS_PER_LABEL) -> TrainingData:
     """Rows with ``text`` and ``label``, from one file or several.
 
     Args:
         labels: the task's label set; ``None``: the labels found in the data.
-        limit: only the first ``limit`` rows of each file.
+        limit: only the first ``limit`` rows of each file, or of each file its own number
+            (a sequence, in the files' order).
 
     Raises:
         TrainingDataError: a missing or unknown label, or fewer than ``min_per_label`` rows of
             a label (the message names the file and line, or the label).
     """
     texts, found, files = [], [], []
-    for p in _paths(path):
-        rows = _rows(p, limit)
+    paths = _paths(path)
+    for p, n in zip(paths, _limits(paths, limit)):
+        rows = _rows(p, n)
         for lineno, row in rows:
             label = row.get("label")
             if not isinstance(label, str) or not label:
@@ -121,16 +138,17 @@ def load_labelled(path: str | Path | Sequence[str | Path], labels: Sequence[str]
 
 
 def load_spans(path: str | Path | Sequence[str | Path], types: Sequence[str], *,
-               limit: int | None = None) -> TrainingData:
-    """Rows with ``text`` and ``entities``.
+               limit: Limit = None) -> TrainingData:
+    """Rows with ``text`` and ``entities``; ``limit`` as for :func:`load_labelled`.
 
     Raises:
         TrainingDataError: an entity whose offsets do not match its text, an unknown type, two
             overlapping spans of one type, or malformed entities (naming the file and line).
     """
     texts, spans, files = [], [], []
-    for p in _paths(path):
-        rows = _rows(p, limit)
+    paths = _paths(path)
+    for p, n in zip(paths, _limits(paths, limit)):
+        rows = _rows(p, n)
         files.append((p, _sha256(p), len(rows)))
         texts_spans = _check_spans(p, rows, types)
         texts += [t for t, _ in texts_spans]
