@@ -26,7 +26,8 @@ class SteerableBackend(FakeBackend):
 @pytest.mark.parametrize("text,verdict", [
     ("I", "undecided"), ("I'm sorry", "undecided"), ("I'm sorry, but I can't", "refusal"),
     ("I'm sorry to hear that. First, call", "clear"), ("I'm sorry to hear that, but I", "undecided"),
-    ("I'm sorry to hear that, but I can't assist with that.", "refusal"), ("I apologize for the trouble, but", "undecided"),
+    ("I'm sorry to hear that, but I can't assist with that.", "refusal"),
+    ("I'm sorry to hear that, but I can't help you with that.", "refusal"), ("I apologize for the trouble, but", "undecided"),
     ("I apologize for the trouble, but I'm unable to assist with that request.", "refusal"), ("Sure! Here", "clear"), ("很抱歉", "undecided"),
     ("很抱歉，我无法", "refusal"), ("很抱歉听到这个消息。你", "clear"), ("听到这件事", "clear"), ("作为一个AI助手", "refusal"),
 ])

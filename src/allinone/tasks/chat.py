@@ -119,7 +119,7 @@ class ChatProfile:
 #: request." / "很抱歉，我无法协助完成这个请求。", and their kin. "I'm sorry to hear that" is sympathy,
 #: not a refusal, and does not match.
 REFUSAL_PATTERNS = (
-    r"\bI(?:'m| am) sorry,? but I (?:can(?:'|no)t|am unable|won't)", r"\bI can(?:'|no)t (?:help|assist|provide|do) (?:with )?(?:that|this)",
+    r"\bI(?:'m| am) sorry,? but I (?:can(?:'|no)t|am unable|won't)", r"\bI can(?:'|no)t (?:help|assist|provide|do)(?: you)? (?:with )?(?:that|this)",
     r"\bI(?:'m| am) (?:not able|unable) to (?:help|assist|provide|comply)", r"\bAs an AI(?: language model)?,? I",
     r"\bI (?:must|have to) (?:decline|refuse)", r"\bI won't be able to help",
     r"很抱歉[，,]?\s*(?:我)?(?:无法|不能)", r"对不起[，,]?\s*(?:我)?(?:无法|不能)", r"我无法(?:协助|帮助|帮你|提供|完成|回答)",
