@@ -408,7 +408,7 @@ def fit(
     data: Annotated[list[Path], typer.Option("--data", "-d", help="JSONL rows with 'text' and 'label' (repeatable)")],
     method: Annotated[str, typer.Option(help="auto (best by cross-validation); classify: calibrate, head or head+logprobs; span tasks: tagger")] = "auto",
     limit: Annotated[Optional[list[int]], typer.Option(help="only the first N rows of each file; repeated: one N per --data file, in order")] = None,
-    augment: Annotated[bool, typer.Option("--augment/--no-augment", help="classify: also train on copies with an instruction appended")] = True,
+    augment: Annotated[bool, typer.Option("--augment/--no-augment", help="also train on copies of 30% of the rows with an instruction appended")] = True,
     split_chars: Annotated[Optional[bool], typer.Option("--split-chars/--no-split-chars", help="span tasks: a token per CJK character (default: when any row is CJK text)")] = None,
     as_json: JsonOpt = False, options: Optional[dict] = None,
 ) -> None:
@@ -539,9 +539,9 @@ def _eval_chat(data: Path, limit: Optional[int], params: dict, options: dict, as
         return
     print(f"{report['model']}: {report['data']} ({report['rows']} prompts, {report['replies']} replies)")
     for key in ("refusal_rate", "language_match", "stop_rate", "loop_rate", "empty_rate", "echo_rate", "acknowledge_rate",
-                "declined_rate", "ms_first_token_p50"):
+                "misplaced_sympathy_rate", "declined_rate", "ms_first_token_p50"):
         if key in report:
-            print(f"  {key:20} {report[key]}")
+            print(f"  {key:23} {report[key]}")
 
 
 @app.command()

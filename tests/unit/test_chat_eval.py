@@ -8,7 +8,8 @@ import pytest
 
 from allinone import AllInOne, Settings
 from allinone.engine import Engine
-from allinone.eval.chat import TRANSLATE, acknowledges, evaluate_chat, has_loop, is_echo, is_refusal, reply_lang
+from allinone.eval.chat import (TRANSLATE, acknowledges, evaluate_chat, has_loop, is_echo, is_refusal,
+                               misplaces_sympathy, reply_lang)
 from fixtures.fakes import FakeBackend
 
 
@@ -32,6 +33,8 @@ def test_language_loops_and_acknowledgement():
     assert acknowledges("Congratulations on your promotion!", "good_news")
     assert acknowledges("很遗憾听到你的猫走丢了。", "sadness")
     assert not acknowledges("Here is a list of steps.", "sadness")
+    assert misplaces_sympathy("听到这个笑话我很难过。") and misplaces_sympathy("I'm sorry to hear that. Here is a joke.")
+    assert not misplaces_sympathy("听到你电脑开机特别慢，可能是硬件问题。") and not misplaces_sympathy("Sure! Here is one.")
 
 
 @pytest.mark.parametrize("reply,message,echo", [
@@ -67,6 +70,10 @@ def test_evaluate_chat_scores_a_scripted_model(tmp_path):
     assert report["replies"] == 3 and report["refusal_rate"] == 1.0 and report["acknowledge_rate"] == 0.0
     assert report["stop_rate"] == 1.0 and report["language_match"] == pytest.approx(1 / 3, abs=1e-3)
     assert [r["id"] for r in report["replies_text"]] == ["a", "b", "b"]
+    assert report["misplaced_sympathy_rate"] == 0.0  # over b's two replies: a refusal is not sympathy
+    sorry = AllInOne(Engine(FakeBackend("I'm so sorry to hear that.", label_logps={"negative": -0.1})), Settings())
+    assert evaluate_chat(sorry, data, progress=False)["misplaced_sympathy_rate"] == 1.0
+    sorry.close()
     harmful = evaluate_chat(ai, "harmful", progress=False)
     assert harmful["declined_rate"] == 1.0 and "refusal_rate" not in harmful
     ai.close()

@@ -21,7 +21,12 @@ Each metric is a documented rule over the reply text (``docs/evaluation.md``, "C
 * **acknowledges the feeling** (messages of the emotional set): the reply's first 160
   characters hold one of the words of :data:`ACKNOWLEDGE_PATTERNS` for the message's feeling
   (sympathy for a loss or a complaint, understanding of stress, joy at good news), and it is not
-  a refusal.
+  a refusal;
+* **misplaced sympathy** (replies to benign prompts that carry no ``feeling``: the
+  neutral prompts of ``dev``, every BELLE and MT-Bench prompt): the reply's first 160
+  characters hold one of :data:`SYMPATHY_PATTERNS` ("I'm sorry to hear", "听到这件事我很难过") —
+  a mood line or opening misfiring on a request scored negative ("给我讲一个冷笑话。" answered
+  "听到这个笑话我很难过。"). A prompt file may hold a prompt with a feeling it does not label.
 
 Prompt files have ``turns`` (one or two user turns: the second is sent after the model's own
 first reply), and optionally ``feeling`` (the emotional set) or ``harmful: true``.
@@ -56,7 +61,11 @@ ACKNOWLEDGE_PATTERNS = {
 }
 #: a request whose answer is in another language by design (left out of the language match)
 TRANSLATE = re.compile(r"\btranslat|翻译|译成|译为", re.IGNORECASE)
+#: sympathy, which a reply to a prompt without a feeling should not open with
+SYMPATHY_PATTERNS = (r"sorry to hear", r"so sorry", r"sorry for your", r"that must be (?:hard|difficult|tough)",
+                     r"听到.{0,12}(?:难过|遗憾|抱歉|心疼|同情)", r"很遗憾", r"我很难过", r"表示同情", r"深表")
 _ACK = {k: re.compile("|".join(v), re.IGNORECASE) for k, v in ACKNOWLEDGE_PATTERNS.items()}
+_SYMPATHY = re.compile("|".join(SYMPATHY_PATTERNS), re.IGNORECASE)
 _CODE = re.compile(r"```.*?(?:```|\Z)", re.DOTALL)
 
 
@@ -104,6 +113,11 @@ def acknowledges(reply: str, feeling: str) -> bool:
     return bool(_ACK[feeling].search(reply[:160])) and not is_refusal(reply)
 
 
+def misplaces_sympathy(reply: str) -> bool:
+    """The reply (to a prompt that carries no feeling) opens with sympathy."""
+    return bool(_SYMPATHY.search(reply[:160]))
+
+
 def builtin_set(name: str) -> Path:
     """``emotional`` (60 messages carrying a feeling, EN/ZH), ``harmful`` (12 requests to
     decline) or ``dev`` (40 prompts for choosing prompts; never reported): sets written for
@@ -135,7 +149,7 @@ def evaluate_chat(ai: "AllInOne", data: str | Path, *, limit: int | None = None,
         counts and rates: ``refusal_rate``, ``language_match``, ``stop_rate``, ``loop_rate``,
         ``empty_rate``, ``echo_rate`` over the replies to benign prompts; ``acknowledge_rate``
         over replies to rows with a
-        ``feeling``; ``declined_rate`` over rows marked harmful; ``ms_first_token`` median.
+        ``feeling``; ``misplaced_sympathy_rate`` over replies to benign rows without one; ``declined_rate`` over rows marked harmful; ``ms_first_token`` median.
     """
     from tqdm import tqdm
 
@@ -175,6 +189,9 @@ def evaluate_chat(ai: "AllInOne", data: str | Path, *, limit: int | None = None,
             loop_rate=_rate(has_loop(t.reply) for t in benign),
             empty_rate=_rate(not t.reply.strip() for t in benign),
             echo_rate=_rate(is_echo(t.reply, t.prompt) for t in benign if not TRANSLATE.search(t.prompt)))
+    unfelt = [t for row, ts in per_row if not row.get("harmful") and not row.get("feeling") for t in ts]
+    if unfelt:
+        report["misplaced_sympathy_rate"] = _rate(misplaces_sympathy(t.reply) for t in unfelt)
     felt = [(row["feeling"], ts[0]) for row, ts in per_row if row.get("feeling")]
     if felt:
         report["acknowledge_rate"] = _rate(acknowledges(t.reply, f) for f, t in felt)
