@@ -271,8 +271,9 @@ class AllInOne:
                 ``head+logprobs`` (``prompt`` is always scored, for comparison).
             limit: only the first ``limit`` rows of each file, or one number per file (in the
                 order of ``data``).
-            augment: classify tasks: also train on copies of 30% of the rows with an instruction
-                appended (robustness to instructions inside the text).
+            augment: also train on copies of 30% of the rows with an instruction appended
+                (robustness to instructions inside the text); a span task's copies keep their
+                row's spans.
             split_chars: span tasks: read every CJK character as a token of its own (so each
                 character of Chinese text can get its own tag; other text is tokenized as
                 usual); ``None``: when any row is CJK text.
@@ -315,7 +316,8 @@ class AllInOne:
             types = list(spec.spans.types)
             rows = load_spans(data, types, limit=limit)
             split = split_chars if split_chars is not None else _any_cjk(rows.texts)
-            tagger, cv = fit_spans(rows, types, run=run, n_layer=self.info.n_layer, split_chars=split, progress=tick)
+            tagger, cv = fit_spans(rows, types, run=run, n_layer=self.info.n_layer, split_chars=split, augment=augment,
+                                   progress=tick)
             chosen, head_tensors, extra = "tagger", tagger.tensors(), tagger.meta()
         else:
             declared = [lab.name for lab in spec.labels] or None

@@ -443,7 +443,8 @@ def fit(
     if report["method"] == "tagger":
         def line(name: str, r: dict) -> None:
             langs = "".join(f"  {g} {f:.4f}" for g, f in r.get("f1_by_language", {}).items())
-            print(f"  {name:40} held-out P {r['precision']:.4f}  R {r['recall']:.4f}  F1 {r['f1']:.4f}{langs}")
+            lost = f"  entities lost under injection {r['entities_lost']:.4f}" if "entities_lost" in r else ""
+            print(f"  {name:40} held-out P {r['precision']:.4f}  R {r['recall']:.4f}  F1 {r['f1']:.4f}{langs}{lost}")
 
         for variant in ("echo", "raw"):
             if variant in cv:

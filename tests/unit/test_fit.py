@@ -224,3 +224,14 @@ def test_a_task_fit_from_the_cli_is_served_over_http_with_what_it_learned(tiny_a
         served = client.post("/v1/tasks/animal", json={"text": text}).json()
     ai._forget("animal")
     assert served["scores"] == pytest.approx(ai.run("animal", text).scores, abs=1e-4)
+
+
+def test_training_phrasings_are_not_the_evaluations():
+    from allinone.eval.runner import load_injections
+    from allinone.learn.augment import PHRASES
+
+    def norm(s: str) -> str:
+        return " ".join(s.format(label="X").split()).lower()
+
+    evaluation = {norm(row["text"]) for row in load_injections()}
+    assert len(evaluation) == 36 and not evaluation & {norm(p) for p in PHRASES}

@@ -123,6 +123,34 @@ def test_select_tagger_keeps_a_head_per_language_when_one_head_cannot_tag_both()
     assert set(report["echo"]["by_layer"]) == {"7"} and list(tagger.heads) == ["all"]
 
 
+def test_select_tagger_trains_on_injected_copies_and_holds_each_out_with_its_original():
+    pytest.importorskip("sklearn")
+    from allinone.tasks.kinds.tagger import entities_lost, select_tagger
+
+    rng = np.random.default_rng(1)
+    rows, spans = _synthetic_rows(rng, {"en": ("Ann", "Bob")}, 300)
+    # an appended instruction moves every token's state: entities fall below the clean rows'
+    # boundary (feature 0: 2 -> -1, others -2 -> -3) and feature 1 says "attacked"
+    copies = []
+    for states, offsets, text in rows[:150]:
+        moved = states.astype(np.float32).copy()
+        moved[0, :, 0] = np.where(moved[0, :, 0] > 0, -1.0, -3.0)
+        moved[0, :, 1] = 4.0 + rng.normal(size=len(offsets)) * 0.1
+        copies.append((moved.astype(np.float16), offsets, text))
+    groups = [*range(300), *range(150)]
+    tagger, report = select_tagger({"echo": rows + copies}, spans + spans[:150], ["PER", "LOC"], (7,),
+                                   split_chars=False, groups=groups)
+    assert report["rows"] == 300 and report["injected_copies"] == 150 and report["held_out"] == 60
+    assert report["chosen"]["f1"] > 0.95 and report["chosen"]["entities_lost"] < 0.1
+    clean_only, _ = select_tagger({"echo": rows}, spans, ["PER", "LOC"], (7,), split_chars=False)
+    decode = lambda t, r: t.decode(r[2], r[0], r[1])  # noqa: E731
+    lost_before = entities_lost({i: decode(clean_only, rows[i]) for i in range(150)},
+                                [(i, decode(clean_only, copies[i])) for i in range(150)])
+    assert lost_before > 0.9  # what the copies taught: without them nearly every entity is lost
+    assert entities_lost({0: [(0, 3, "PER"), (4, 7, "PER")]}, [(0, [(0, 3, "PER"), (9, 9, "LOC")])]) == 0.5
+    assert entities_lost({0: []}, [(0, [(0, 3, "PER")])]) == 0.0
+
+
 def test_span_scores():
     assert span_scores([[(0, 3, "PER")]], [[(0, 3, "PER"), (5, 6, "LOC")]]) == {"precision": 0.5, "recall": 1.0,
                                                                                 "f1": 0.6667}
@@ -165,6 +193,7 @@ def test_a_tagger_fit_on_a_tiny_model_learns_a_span_rule(tagged_ai):
     (tmp / "train.jsonl").write_text("".join(json.dumps(sentence(rng)) + "\n" for _ in range(250)), encoding="utf-8")
     report = ai.fit("who", tmp / "train.jsonl")
     assert report["method"] == "tagger" and report["cv"]["chosen"]["f1"] > 0.6
+    assert report["cv"]["injected_copies"] > 50 and 0 <= report["cv"]["chosen"]["entities_lost"] <= 1
     tried = report["cv"]["echo"]["by_layer"]
     assert len(tried) >= 3 and "+".join(map(str, ai.describe_task("who")["learned"]["features"]["layers"])) in tried
     assert any("+" in k for k in tried)  # each layer alone, and all of them side by side
@@ -192,6 +221,26 @@ def test_a_tagger_fit_on_a_tiny_model_learns_a_span_rule(tagged_ai):
     assert len(found) == len(set(found)) and result.usage.prompt_tokens > 1024  # several windows
     assert span_scores([entities], [found])["f1"] > 0.6
     assert all(text[a:b] == e["text"] for (a, b, _), e in zip(found, result.data["entities"]))
+
+
+def test_a_span_fit_from_the_cli_prints_each_candidate_and_the_entities_its_copies_lose(tagged_ai):
+    pytest.importorskip("sklearn")
+    from typer.testing import CliRunner
+
+    from allinone.cli import app
+
+    ai, tmp = tagged_ai
+    rng = random.Random(3)
+    (tmp / "cli.jsonl").write_text("".join(json.dumps(sentence(rng)) + "\n" for _ in range(120)), encoding="utf-8")
+    model = ["--model", str(tmp / "model.gguf"), "--backend", "llamacpp", "--n-ctx", "1024",
+             "--cache-dir", str(tmp / "cache"), "--tasks-dir", str(tmp / "tasks")]
+    out = CliRunner().invoke(app, ["fit", "who", "--data", str(tmp / "cli.jsonl"), *model])
+    assert out.exit_code == 0, out.output
+    assert "who: 120 rows" in out.stdout and "chosen: echo layer" in out.stdout
+    assert out.stdout.count("entities lost under injection") >= 3  # every candidate, scored on held-out copies
+    out = CliRunner().invoke(app, ["fit", "who", "--data", str(tmp / "cli.jsonl"), "--no-augment", "--json", *model])
+    report = json.loads(out.stdout.strip().splitlines()[-1])
+    assert report["cv"]["injected_copies"] == 0 and "entities_lost" not in report["cv"]["chosen"]
 
 
 def test_offsets_survive_cjk_emoji_full_width_digits_and_repeated_spaces(tagged_ai):

@@ -131,6 +131,18 @@ class Tagger:
         return cls(f["prompt"], layers, f["split_chars"], tuple(meta["tags"]), heads)
 
 
+def entities_lost(clean: dict[int, Sequence[tuple]], attacked: Sequence[tuple[int, Sequence[tuple]]]) -> float:
+    """Share of the spans predicted on an original row (``clean``: row -> spans) that the
+    prediction on its injected copy (``attacked``: (original row, spans)) lacks, as
+    ``allinone eval --inject-set`` counts them; 0.0 when the originals have none."""
+    found = lost = 0
+    for row, spans in attacked:
+        before = set(map(tuple, clean[row]))
+        found += len(before)
+        lost += len(before - set(map(tuple, spans)))
+    return round(lost / found, 4) if found else 0.0
+
+
 def head_features(states: np.ndarray) -> np.ndarray:
     """(L, n, D) states of n tokens at L layers -> (n, L * D): the layers side by side."""
     return np.hstack([np.asarray(s, dtype=np.float32) for s in states])
@@ -164,12 +176,21 @@ def featurize_spans(texts: Sequence[str], *, run: Callable[[list[Any]], list[Any
 
 def fit_spans(data: "TrainingData", types: Sequence[str], *, run: Callable[[list[Any]], list[Any]],
               n_layer: int, variants: Sequence[str] = VARIANTS, split_chars: bool = False,
-              c: float = 0.05, holdout: float = 0.2, progress: Callable[[int, int], None] = lambda d, t: None,
+              c: float = 0.05, holdout: float = 0.2, augment: bool = True,
+              progress: Callable[[int, int], None] = lambda d, t: None,
               seed: int = 0) -> tuple[Tagger, dict[str, Any]]:
     """Fit a tagger: featurize the rows with every prompt variant (:func:`featurize_spans`), then
-    choose and fit with :func:`select_tagger`."""
+    choose and fit with :func:`select_tagger`. With ``augment``, copies of 30% of the rows with
+    an instruction appended (:func:`~allinone.learn.augment.injected_span_copies`), keeping
+    their spans, are featurized and trained on too."""
+    from ...learn.augment import injected_span_copies
+
     layers = candidate_layers(n_layer)
-    total = len(data.texts) * len(variants)
+    copies = injected_span_copies(data.texts, types, seed=seed) if augment else []
+    texts = [*data.texts, *(text for _, text in copies)]
+    spans = [*data.spans, *(data.spans[i] for i, _ in copies)]
+    groups = [*range(len(data.texts)), *(i for i, _ in copies)]
+    total = len(texts) * len(variants)
     done = 0
 
     def tick(n: int) -> None:
@@ -177,15 +198,16 @@ def fit_spans(data: "TrainingData", types: Sequence[str], *, run: Callable[[list
         done += n
         progress(done, total)
 
-    features = {v: featurize_spans(data.texts, run=run, variant=v, layers=layers, split_chars=split_chars,
+    features = {v: featurize_spans(texts, run=run, variant=v, layers=layers, split_chars=split_chars,
                                    progress=tick) for v in variants}
-    return select_tagger(features, data.spans, types, layers, split_chars=split_chars, c=c, holdout=holdout,
-                         seed=seed)
+    return select_tagger(features, spans, types, layers, split_chars=split_chars, c=c, holdout=holdout,
+                         groups=groups, seed=seed)
 
 
 def select_tagger(features: dict[str, list[tuple[np.ndarray, list, str]]], spans: Sequence[Sequence[tuple]],
                   types: Sequence[str], layers: Sequence[int], *, split_chars: bool, c: float = 0.05,
-                  holdout: float = 0.2, seed: int = 0) -> tuple[Tagger, dict[str, Any]]:
+                  holdout: float = 0.2, groups: Sequence[int] | None = None,
+                  seed: int = 0) -> tuple[Tagger, dict[str, Any]]:
     """Choose a tagger by exact-span F1 on a held-out share of the rows (heads fit on the rest),
     then fit the choice on every row.
 
@@ -199,25 +221,35 @@ def select_tagger(features: dict[str, list[tuple[np.ndarray, list, str]]], spans
         features: per prompt variant, :func:`featurize_spans` of every row.
         spans: every row's gold (start, end, type) spans.
         layers: the layers the features hold, in their order.
+        groups: per row, the index of the row it is a copy of (an injected copy,
+            :func:`~allinone.learn.augment.injected_span_copies`), its own index for an original;
+            ``None``: every row is an original. A copy is held out with its original and only
+            trained on (never scored as a row); held-out copies give ``entities_lost``.
 
     Returns:
         (the tagger, the report: held-out precision/recall/F1 of every candidate, overall and
-        per language, and the choice).
+        per language, the share of entities found on a held-out original that its held-out
+        copies lose (``entities_lost``, when there are copies), and the choice).
     """
     from ...learn.tagging import span_scores
 
     tags = tuple(bio_tags(types))
     n = len(spans)
+    group = np.arange(n) if groups is None else np.asarray(groups)
+    originals = np.flatnonzero(group == np.arange(n))
     rng = np.random.default_rng(seed)
-    held = np.zeros(n, dtype=bool)
-    held[rng.permutation(n)[: max(1, int(holdout * n))]] = True
-    report: dict[str, Any] = {"rows": n, "held_out": int(held.sum()), "c": c, "split_chars": split_chars}
+    held_original = np.zeros(n, dtype=bool)
+    held_original[originals[rng.permutation(len(originals))[: max(1, int(holdout * len(originals)))]]] = True
+    held = held_original[group]  # a copy goes with its original
+    held_copies = np.flatnonzero(held & (group != np.arange(n)))
+    report: dict[str, Any] = {"rows": len(originals), "injected_copies": n - len(originals),
+                              "held_out": int(held_original.sum()), "c": c, "split_chars": split_chars}
     index = {layer: k for k, layer in enumerate(layers)}
     gold = {v: [token_tags(text, off, s, tags) for (_, off, text), s in zip(feats, spans)]
             for v, feats in features.items()}
     # every variant holds the same texts; the language of a row is that of its text as the model saw it
     lang = np.array([detect_lang(text) for _, _, text in next(iter(features.values()))])
-    fit_rows, held_rows = np.flatnonzero(~held), np.flatnonzero(held)
+    fit_rows, held_rows = np.flatnonzero(~held), np.flatnonzero(held_original)
     langs = sorted(set(lang.tolist()))
     split_langs = len(langs) > 1 and all((lang[fit_rows] == g).sum() >= MIN_LANG_ROWS for g in langs)
 
@@ -247,6 +279,11 @@ def select_tagger(features: dict[str, list[tuple[np.ndarray, list, str]]], spans
                 pred = [tagger.decode(feats[i][2], states(variant, i, read), feats[i][1]) for i in held_rows]
                 gold_spans = [spans[i] for i in held_rows]
                 scores = span_scores(gold_spans, pred)
+                if len(held_copies):
+                    scores["entities_lost"] = entities_lost(
+                        {i: p for i, p in zip(held_rows, pred)},
+                        [(int(group[k]), tagger.decode(feats[k][2], states(variant, k, read), feats[k][1]))
+                         for k in held_copies])
                 if len(langs) > 1:
                     scores["f1_by_language"] = {
                         g: span_scores([s for s, k in zip(gold_spans, held_rows) if lang[k] == g],
@@ -254,8 +291,8 @@ def select_tagger(features: dict[str, list[tuple[np.ndarray, list, str]]], spans
                 by_layer[name(read, by_lang)] = scores
                 if best is None or scores["f1"] > best[0]:
                     best = (scores["f1"], variant, read, by_lang)
-        oracle = span_scores(spans, [spans_from_tags(text, off, g, tags)
-                                     for (_, off, text), g in zip(feats, gold[variant])])["f1"]
+        oracle = span_scores([spans[i] for i in originals],
+                             [spans_from_tags(feats[i][2], feats[i][1], gold[variant][i], tags) for i in originals])["f1"]
         report[variant] = {"by_layer": by_layer, "token_alignment_f1": oracle}
     _, variant, read, by_lang = best
     tagger = fit(variant, read, by_lang, np.arange(n))
