@@ -247,8 +247,10 @@ def select_tagger(features: dict[str, list[tuple[np.ndarray, list, str]]], spans
     index = {layer: k for k, layer in enumerate(layers)}
     gold = {v: [token_tags(text, off, s, tags) for (_, off, text), s in zip(feats, spans)]
             for v, feats in features.items()}
-    # every variant holds the same texts; the language of a row is that of its text as the model saw it
-    lang = np.array([detect_lang(text) for _, _, text in next(iter(features.values()))])
+    # every variant holds the same texts; the language of a row is that of its text as the model
+    # saw it, a copy's that of its original (an English sentence with a Chinese instruction
+    # appended is English text to learn from)
+    lang = np.array([detect_lang(text) for _, _, text in next(iter(features.values()))])[group]
     fit_rows, held_rows = np.flatnonzero(~held), np.flatnonzero(held_original)
     langs = sorted(set(lang.tolist()))
     split_langs = len(langs) > 1 and all((lang[fit_rows] == g).sum() >= MIN_LANG_ROWS for g in langs)
