@@ -8,8 +8,16 @@ import pytest
 
 from allinone import AllInOne, Settings
 from allinone.engine import Engine
-from allinone.eval.chat import (TRANSLATE, acknowledges, evaluate_chat, has_loop, is_echo, is_refusal,
-                               misplaces_sympathy, reply_lang)
+from allinone.eval.chat import (
+    TRANSLATE,
+    acknowledges,
+    evaluate_chat,
+    has_loop,
+    is_echo,
+    is_refusal,
+    misplaces_sympathy,
+    reply_lang,
+)
 from fixtures.fakes import FakeBackend
 
 

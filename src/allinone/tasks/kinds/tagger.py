@@ -283,7 +283,7 @@ def select_tagger(features: dict[str, list[tuple[np.ndarray, list, str]]], spans
                 scores = span_scores(gold_spans, pred)
                 if len(held_copies):
                     scores["entities_lost"] = entities_lost(
-                        {i: p for i, p in zip(held_rows, pred)},
+                        dict(zip(held_rows, pred)),
                         [(int(group[k]), tagger.decode(feats[k][2], states(variant, k, read), feats[k][1]))
                          for k in held_copies])
                 if len(langs) > 1:
