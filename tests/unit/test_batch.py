@@ -31,7 +31,7 @@ SRC = str(Path(__file__).resolve().parents[2] / "src")
 class MarkBackend(FakeBackend):
     """Scores 'good' high when the prompt holds a '+', else 'bad': results differ by row."""
 
-    def score_batch_hidden(self, requests, layers, *, relative=False):
+    def score_batch_hidden(self, requests, layers, *, relative=False, keep=True):
         self.batches.append(len(requests))
         self.prompts.extend(list(p) for p, _ in requests)
         out = []

@@ -158,3 +158,30 @@ def test_the_context_window_is_enforced(tiny_backend):
 
     with pytest.raises(InvalidInputError):
         tiny_backend.start([1] * tiny_backend.n_ctx, SamplingParams())
+
+
+def test_task_prompts_leave_only_their_fixed_part_cached(tiny_backend):
+    """Through the engine, score, encode and task-reply jobs of many texts leave the task's
+    fixed prompt cached once and none of the texts (every cached cell costs attention time in
+    llama.cpp's unified cache); a conversation's reply stays cached for its next turn."""
+    from allinone.engine import TEXT_SLOT, EncodeJob, Engine, GenerateJob, Prompt, ScoreJob
+    from allinone.engine.prompts import fit_prompt
+
+    b = tiny_backend
+    b.kv.clear()
+    engine = Engine(b)  # not closed: the backend is session-wide
+    try:
+        task = ({"role": "system", "content": SYSTEM}, {"role": "user", "content": f"Text: {TEXT_SLOT}\nAnswer:"})
+        jobs = [ScoreJob(Prompt(messages=task, text=t), ("positive", "negative")) for t in TEXTS]
+        jobs += [EncodeJob(Prompt(messages=task, text=t), layers=(1,), pooling="tokens") for t in TEXTS]
+        jobs += [GenerateJob(Prompt(messages=task, text=t), SamplingParams(temperature=0, max_tokens=3)) for t in TEXTS[:2]]
+        for handle in engine.submit_all(jobs):
+            handle.result() if hasattr(handle, "result") else list(handle)
+        fitted = fit_prompt(b, Prompt(messages=task, text="x"), reserve=1)
+        assert [e.tokens for e in b.kv.entries] == [fitted.ids[: fitted.fixed]]
+        conversation = GenerateJob(Prompt(messages=({"role": "user", "content": "tell me a story"},)),
+                                   SamplingParams(temperature=0, max_tokens=3))
+        list(engine.submit(conversation))
+        assert len(b.kv.entries) == 2  # the conversation stays for its next turn
+    finally:
+        engine.stop()

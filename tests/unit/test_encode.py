@@ -84,6 +84,31 @@ def test_token_pooling_reads_the_last_copy_with_exact_offsets(tiny_backend, hf_m
     assert np.allclose(mean.states[0], out.states[0].mean(axis=0), atol=1e-5)
 
 
+
+def test_natural_copies_split_only_the_copy_that_is_read(tiny_backend):
+    """With ``split_chars`` and ``natural_copies`` the earlier copy of the text is tokenized as
+    usual and only the last one a token per CJK character; a text cut to fit is cut the same
+    in both copies."""
+    from allinone.engine.prompts import fit_prompt, split_cjk
+
+    b = tiny_backend
+    text = "这部电影非常好看 and 我们去公园散步吧"
+    echo = f"Text: {TEXT_SLOT}\nAgain: {TEXT_SLOT}"
+    natural, split = b.tokenize(text), split_cjk(b, text)
+    assert len(natural) < len(split)  # the tiny tokenizer merges some of these characters
+    fitted = fit_prompt(b, Prompt(raw=echo, text=text, split_chars=True, natural_copies=True), reserve=0)
+    first = b.tokenize("Text: ")
+    assert fitted.ids[len(b.bos_ids) + len(first):][: len(natural)] == natural
+    start, end = fitted.text_span
+    assert fitted.ids[start:end] == split and fitted.text_ids == split
+    cut = fit_prompt(b, Prompt(raw=echo, text=text, split_chars=True, natural_copies=True, max_text_tokens=6),
+                     reserve=0)
+    seen = cut.info.text
+    assert cut.info.truncated and text.startswith(seen) and cut.text_ids == split_cjk(b, seen)
+    assert cut.ids[len(b.bos_ids) + len(first):][: len(b.tokenize(seen))] == b.tokenize(seen)
+    both = fit_prompt(b, Prompt(raw=echo, text=text, split_chars=True), reserve=0)
+    assert both.ids[len(b.bos_ids) + len(first):][: len(split)] == split  # without: every copy is split
+
 def test_offsets_of_hard_text(tiny_backend):
     for text in ["北京欢迎你", "emoji 😀👍🏽 here", "  two  spaces ", "２００８年"]:
         ids = tiny_backend.tokenize(text)

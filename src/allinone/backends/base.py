@@ -43,6 +43,8 @@ class GenState:
     matcher: object | None = None
     #: the context window is full: no further token can be computed
     exhausted: bool = False
+    #: the sequence stays cached after the reply (see :meth:`Backend.start`)
+    keep: bool = True
 
 
 ScoreRequest = tuple[Sequence[int], Sequence[Sequence[int]]]
@@ -186,13 +188,15 @@ class Backend(abc.ABC):
         return out
 
     # -- encoding (hidden states for learned heads) --------------------------------------------
-    def encode_batch(self, requests: Sequence[tuple[Sequence[int], int]], layers: Sequence[int]) -> list[np.ndarray]:
+    def encode_batch(self, requests: Sequence[tuple[Sequence[int], int]], layers: Sequence[int], *,
+                     keep: bool = True) -> list[np.ndarray]:
         """Hidden states of several prompts in one batched pass.
 
         Args:
             requests: (prompt ids, start): the states of positions ``start ..`` are wanted; the
                 tokens before ``start`` may come from the KV cache (their states are not read).
             layers: 1 .. n_layer or negative from the end (see :meth:`layer_index`).
+            keep: as in :meth:`score_batch_hidden`.
 
         Returns:
             per request, float32 (len(layers), len(prompt) - start, hidden size).
@@ -207,21 +211,21 @@ class Backend(abc.ABC):
                 raise InvalidInputError(f"prompt of {len(ids)} tokens does not fit the context of {self.n_ctx}")
         held: list[KVEntry] = []
         cached: list[int] = []
-        keep: list[bool] = []
+        kept: list[bool] = []
         try:
             for ids, start in requests:
                 entry, n = self.kv.acquire(ids, limit=start)
                 held.append(entry)
                 cached.append(n)
-                keep.append(n < self.kv.min_shared)
+                kept.append(keep and n < self.kv.min_shared)
             # last-token pooling: only the last position needs to be an output (see _forward)
             last = all(start == len(ids) - 1 for ids, start in requests)
             _, hidden = self.forward_hidden(held, [list(ids)[n:] for (ids, _), n in zip(requests, cached)],
                                             layers, logits=False, last_states=last)
             return [h if last else h[:, start - n:] for h, (_, start), n in zip(hidden, requests, cached)]
         finally:
-            for entry, kept in zip(held, keep):
-                self.kv.release(entry, keep=kept and bool(entry.tokens))
+            for entry, k in zip(held, kept):
+                self.kv.release(entry, keep=k and bool(entry.tokens))
 
     # -- scoring (classification) --------------------------------------------------------------
     def score(self, prefix_ids: Sequence[int], continuations: Sequence[Sequence[int]]) -> list[float]:
@@ -237,12 +241,13 @@ class Backend(abc.ABC):
         """
         return self.score_batch([(prefix_ids, continuations)])[0]
 
-    def score_batch(self, requests: Sequence[ScoreRequest], *, relative: bool = False) -> list[list[float]]:
+    def score_batch(self, requests: Sequence[ScoreRequest], *, relative: bool = False,
+                    keep: bool = True) -> list[list[float]]:
         """Scores only: see :meth:`score_batch_hidden`."""
-        return self.score_batch_hidden(requests, (), relative=relative)[0]
+        return self.score_batch_hidden(requests, (), relative=relative, keep=keep)[0]
 
     def score_batch_hidden(self, requests: Sequence[ScoreRequest], layers: Sequence[int], *,
-                           relative: bool = False) -> tuple[list[list[float]], list[np.ndarray] | None]:
+                           relative: bool = False, keep: bool = True) -> tuple[list[list[float]], list[np.ndarray] | None]:
         """:meth:`score` for several (prefix, continuations) requests in one batched pass.
 
         Each prefix starts from its longest cached prefix (see :mod:`.kv_cache`); all prefixes
@@ -258,6 +263,11 @@ class Backend(abc.ABC):
 
             layers: also return each prefix's hidden states at its last token at these layers
                 (see :meth:`layer_index`), from the same pass.
+            keep: a prompt computed without a cached prefix stays cached whole, so that the
+                next prompt sharing its start finds it; ``False``: no prompt stays cached (the
+                caller caches what prompts share with :meth:`cache_prefix`). In llama.cpp's
+                unified KV cache every computed token attends over all cells up to the last
+                one in use, so a cached prompt no later one shares slows every later step.
 
         Returns:
             (scores, states): per request, one log-probability per continuation, as
@@ -273,12 +283,12 @@ class Backend(abc.ABC):
         held: list[KVEntry] = []
         # A prompt that started from a cached prefix leaves only that prefix cached: its own
         # tokens are rarely asked for again, and every cached cell costs attention time.
-        keep: list[bool] = []
+        kept: list[bool] = []
         try:
             for prefix, _ in requests:
                 entry, n = self.kv.acquire(prefix)
                 held.append(entry)
-                keep.append(n < self.kv.min_shared)
+                kept.append(keep and n < self.kv.min_shared)
             firsts, hidden = self.forward_hidden(held, [list(p)[len(e.tokens):] for e, (p, _) in zip(held, requests)],
                                                  layers, last_states=True)
             states = [h[:, -1].copy() for h in hidden] if hidden is not None else None
@@ -311,8 +321,8 @@ class Backend(abc.ABC):
                         self.kv.release(f, keep=False)
             return scores, states
         finally:
-            for entry, kept in zip(held, keep):
-                self.kv.release(entry, keep=kept and bool(entry.tokens))
+            for entry, k in zip(held, kept):
+                self.kv.release(entry, keep=k and bool(entry.tokens))
 
     def _check_score_requests(self, requests: Sequence[ScoreRequest]) -> None:
         """Reject an empty prefix or continuation, or one that would not fit the context, before
@@ -332,6 +342,13 @@ class Backend(abc.ABC):
         common = list(prompts[0][: min(map(len, prompts)) - 1])
         for p in prompts[1:]:
             common = common[: common_prefix_len(common, p)]
+        self.cache_prefix(common)
+
+    def cache_prefix(self, ids: Sequence[int]) -> None:
+        """Keep ``ids`` (a task's fixed prompt before its text) cached as a shared KV entry that
+        later prompts copy from, computing what is not cached yet; nothing for fewer than the
+        pool's ``min_shared`` tokens or when an entry holds them already."""
+        common = list(ids)
         if len(common) < self.kv.min_shared:
             return
         if any(e.shared and e.tokens == common for e in self.kv.entries):
@@ -348,8 +365,10 @@ class Backend(abc.ABC):
 
     # -- generation -------------------------------------------------------------------------
     def start(self, prompt_ids: Sequence[int], sampling: SamplingParams, *,
-              json_schema: dict | None = None) -> GenState:
+              json_schema: dict | None = None, keep: bool = True) -> GenState:
         """Begin a reply to ``prompt_ids``: take the KV entry with its longest cached prefix.
+        With ``keep`` the sequence stays cached after :meth:`finish`, for a conversation's next
+        turn; a task's reply to one text is not continued, so it is freed.
 
         With ``json_schema`` (the subset of :mod:`allinone.tasks.schema`), only tokens that keep
         the output a prefix of a JSON document valid under the schema can be sampled, and an
@@ -367,7 +386,7 @@ class Backend(abc.ABC):
         matcher = self.json_matcher(json_schema) if json_schema is not None else None
         entry, n = self.kv.acquire(prompt)
         return GenState(entry=entry, pending=prompt[n:], history=prompt, sampling=sampling,
-                        rng=np.random.default_rng(sampling.seed), matcher=matcher)
+                        rng=np.random.default_rng(sampling.seed), matcher=matcher, keep=keep)
 
     def step(self, states: Sequence[GenState]) -> list[int | None]:
         """Advance each state by one step (continuous batching).
@@ -423,8 +442,9 @@ class Backend(abc.ABC):
         return out
 
     def finish(self, state: GenState) -> None:
-        """End a reply; its KV state stays cached for the conversation's next turn."""
-        self.kv.release(state.entry, keep=bool(state.entry.tokens))
+        """End a reply; its KV state stays cached for the conversation's next turn (unless it
+        was started without ``keep``)."""
+        self.kv.release(state.entry, keep=state.keep and bool(state.entry.tokens))
 
     def generate(self, prompt_ids: Sequence[int], sampling: SamplingParams, *,
                  json_schema: dict | None = None) -> Iterator[int]:

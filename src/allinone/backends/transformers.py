@@ -163,13 +163,14 @@ class TransformersBackend(Backend):
         return out
 
     # -- batched scoring (classification) ---------------------------------------------------
-    def score_batch_hidden(self, requests, layers, *, relative=False):
+    def score_batch_hidden(self, requests, layers, *, relative=False, keep=True):
         # hidden states come from the one-sequence-at-a-time path of the base class
         if layers or not self._batched_scoring:
-            return super().score_batch_hidden(requests, layers, relative=relative)
-        return self.score_batch(requests, relative=relative), None
+            return super().score_batch_hidden(requests, layers, relative=relative, keep=keep)
+        return self.score_batch(requests, relative=relative, keep=keep), None
 
-    def score_batch(self, requests: Sequence[ScoreRequest], *, relative: bool = False) -> list[list[float]]:
+    def score_batch(self, requests: Sequence[ScoreRequest], *, relative: bool = False,
+                    keep: bool = True) -> list[list[float]]:
         """:meth:`Backend.score_batch` with the prompts computed as padded batches.
 
         What is batched: every request starts from its longest cached prefix (``self.kv``, as in
@@ -209,10 +210,10 @@ class TransformersBackend(Backend):
         B x the prefix in budget). The batch caches are transient: they are not counted in the
         pool's budget, and each is bounded by it as said above.
 
-        Args/Returns/Raises: as :meth:`Backend.score_batch`.
+        Args/Returns/Raises: as :meth:`Backend.score_batch` (``keep=False``: no entry is kept).
         """
         if not self._batched_scoring:
-            return super().score_batch(requests, relative=relative)
+            return super().score_batch(requests, relative=relative, keep=keep)
         requests = [(list(p), [list(c) for c in conts]) for p, conts in requests]
         self._check_score_requests(requests)
         if len(requests) > 1:
@@ -230,12 +231,12 @@ class TransformersBackend(Backend):
                     if key not in pasts:
                         pasts[key] = [(layer.keys[..., :n, :], layer.values[..., :n, :])
                                       for layer in entry.handle.layers] if n else None
-                    keep = n < self.kv.min_shared  # as in Backend.score_batch
-                    if keep:
+                    kept = keep and n < self.kv.min_shared  # as in Backend.score_batch
+                    if kept:
                         held.append(entry)
                     else:
                         self.kv.release(entry, keep=False)
-                    rows.append(_Row(i, n, pasts[key], prefix[n:], entry if keep else None))
+                    rows.append(_Row(i, n, pasts[key], prefix[n:], entry if kept else None))
                 del pasts
                 self.kv.reserve(sum(len(r.new) for r in rows if r.entry is not None), keep=held)
                 for batch in self._split(rows, lambda r: len(r.new), lambda r: r.n):

@@ -28,13 +28,16 @@ if TYPE_CHECKING:
 
 @dataclass
 class Fitted:
-    """A fitted prompt: its ids, how it was fitted, and where its text's last copy lies
-    (``text_span``: token positions ``[start, end)``, ``None`` without a text)."""
+    """A fitted prompt: its ids, how it was fitted, where its text's last copy lies
+    (``text_span``: token positions ``[start, end)``, ``None`` without a text) and how many of
+    its first tokens do not depend on the text (``fixed``: the tokens before the text's first
+    copy; ``None`` without a text, a conversation, which a later turn may continue)."""
 
     ids: list[int]
     info: PromptInfo
     text_ids: list[int]
     text_span: tuple[int, int] | None = None
+    fixed: int | None = None
 
 
 def fit_prompt(backend: "Backend", prompt: Prompt, *, reserve: int, share: bool = False) -> Fitted:
@@ -53,9 +56,13 @@ def fit_prompt(backend: "Backend", prompt: Prompt, *, reserve: int, share: bool 
     return _fit_conversation(backend, prompt, reserve, share)
 
 
-def _render(backend: "Backend", prompt: Prompt, text_ids: list[int]) -> tuple[list[int], list[tuple[int, int]]]:
-    """The prompt's ids with ``text_ids`` at every text slot, and the slots' token spans."""
+def _render(backend: "Backend", prompt: Prompt, text_ids: list[int],
+            earlier_ids: list[int] | None = None) -> tuple[list[int], list[tuple[int, int]]]:
+    """The prompt's ids with ``text_ids`` at the last text slot and ``earlier_ids`` (default: the
+    same ids) at every other, and the slots' token spans."""
     spans: list[tuple[int, int]] = []
+    n_slots = (prompt.raw if prompt.raw is not None else "".join(str(m.get("content", "")) for m in prompt.messages)
+               ).count(TEXT_SLOT)
 
     def pieces(s: str) -> list[int]:
         ids: list[int] = []
@@ -64,8 +71,9 @@ def _render(backend: "Backend", prompt: Prompt, text_ids: list[int]) -> tuple[li
             if part:
                 ids += backend.tokenize(part)
             if k < len(parts) - 1:
-                spans.append((len(ids), len(ids) + len(text_ids)))
-                ids += text_ids
+                copy = text_ids if earlier_ids is None or len(spans) == n_slots - 1 else earlier_ids
+                spans.append((len(ids), len(ids) + len(copy)))
+                ids += copy
         return ids
 
     if prompt.raw is not None:
@@ -111,8 +119,10 @@ def _fit_text(backend: "Backend", prompt: Prompt, reserve: int, share: bool) -> 
                 backend.detokenize(text_ids)):
             text_ids.pop()
     text = backend.detokenize(text_ids) if truncated else prompt.text
-    ids, spans = _render(backend, prompt, text_ids)
-    return Fitted(ids, PromptInfo(len(ids), truncated, text), text_ids, spans[-1] if spans else None)
+    earlier = backend.tokenize(text) if prompt.split_chars and prompt.natural_copies else None
+    ids, spans = _render(backend, prompt, text_ids, earlier)
+    return Fitted(ids, PromptInfo(len(ids), truncated, text), text_ids, spans[-1] if spans else None,
+                  spans[0][0] if spans else len(ids))
 
 
 def _fit_conversation(backend: "Backend", prompt: Prompt, reserve: int, share: bool) -> Fitted:
