@@ -441,12 +441,14 @@ def fit(
     cv = report["cv"]
     print(f"{task}: {report['data']['rows']} rows ({report['seconds']} s, {report['rows_per_second']} rows/s)")
     if report["method"] == "tagger":
+        from .tasks.kinds.tagger import PROMPTS
+
         def line(name: str, r: dict) -> None:
             langs = "".join(f"  {g} {f:.4f}" for g, f in r.get("f1_by_language", {}).items())
             lost = f"  entities lost under injection {r['entities_lost']:.4f}" if "entities_lost" in r else ""
             print(f"  {name:40} held-out P {r['precision']:.4f}  R {r['recall']:.4f}  F1 {r['f1']:.4f}{langs}{lost}")
 
-        for variant in ("echo", "raw"):
+        for variant in PROMPTS:
             if variant in cv:
                 for layer, r in cv[variant]["by_layer"].items():
                     line(f"{variant} layer {layer}", r)

@@ -48,7 +48,7 @@ def test_a_tagger_reading_several_layers_round_trips_through_its_artifact():
     back = Tagger.from_artifact(Artifact(tagger.meta(), tagger.tensors()))
     states = rng.normal(size=(2, 4, 2)).astype(np.float32)  # (layers, tokens, dims)
     offsets = [(0, 2), (2, 4), (4, 6), (6, 8)]
-    assert back.layers == (3, 5) and back.job("abcdefgh").layers == (3, 5)
+    assert back.layers == (3, 5) and back.jobs("abcdefgh")[0].layers == (3, 5)
     assert back.decode("abcdefgh", states, offsets) == tagger.decode("abcdefgh", states, offsets)
     # the head sees layer 3's state then layer 5's: swapping the layers changes its input
     x = np.hstack([states[0], states[1]])
@@ -253,3 +253,61 @@ def test_offsets_survive_cjk_emoji_full_width_digits_and_repeated_spaces(tagged_
     for text in ["北京的Anna 😀 在２００８年  去了  Paris", "Boris   met 👍🏽 Dana in Oslo"]:
         for e in ai.run("who", text).data["entities"]:
             assert text[e["start"]:e["end"]] == e["text"] and e["text"].strip() == e["text"]
+
+
+def test_echo_natural_gives_each_character_the_state_of_the_model_token_that_holds_it():
+    from types import SimpleNamespace
+
+    from allinone.tasks.kinds.tagger import tagger_jobs, tagger_states, widen
+
+    # the read copy: one token per character of "北京欢迎" then " ok"; the model's own tokens: "北京", "欢迎", " ok"
+    split = SimpleNamespace(states=np.arange(2 * 5 * 3, dtype=np.float32).reshape(2, 5, 3),
+                            offsets=((0, 1), (1, 2), (2, 3), (3, 4), (4, 7)))
+    natural = SimpleNamespace(states=-np.arange(2 * 3 * 3, dtype=np.float32).reshape(2, 3, 3) - 1,
+                              offsets=((0, 2), (2, 4), (4, 7)))
+    both = tagger_states("echo+natural", [split, natural])
+    assert both.shape == (4, 5, 3)  # (2 blocks x 2 layers, 5 tokens, 3 dims)
+    assert np.array_equal(both[:2], split.states)
+    assert np.array_equal(both[2:], natural.states[:, [0, 0, 1, 1, 2]])
+    assert np.array_equal(tagger_states("echo", [split]), split.states)
+    # a window without CJK: one job, one block; a head that reads two blocks gets it twice
+    jobs = tagger_jobs("echo+natural", "plain text", (12, 16), split_chars=True)
+    assert len(jobs) == 1 and jobs[0].prompt.natural_copies
+    assert np.array_equal(widen(split.states, 4), np.concatenate([split.states, split.states]))
+    assert np.array_equal(widen(both, 2), split.states)
+    jobs = tagger_jobs("echo+natural", "北京 text", (12, 16), split_chars=True)
+    assert [j.prompt.split_chars for j in jobs] == [True, False] and jobs[0].prompt.natural_copies
+
+
+PEOPLE_ZH = ["张伟", "李娜", "王芳", "刘洋", "陈静"]
+PLACES_ZH = ["北京", "上海", "广州", "成都", "杭州"]
+WORDS_ZH = ["今天", "我们", "去了", "公园", "天气", "很好", "朋友", "吃饭", "散步", "电影"]
+
+
+def sentence_zh(rng: random.Random) -> dict:
+    text, entities = "", []
+    for _ in range(rng.randint(4, 8)):
+        r = rng.random()
+        word, kind = ((rng.choice(PEOPLE_ZH), "PER") if r < 0.2 else (rng.choice(PLACES_ZH), "LOC") if r < 0.35
+                      else (rng.choice(WORDS_ZH), None))
+        if kind:
+            entities.append({"text": word, "type": kind, "start": len(text), "end": len(text) + len(word)})
+        text += word
+    return {"text": text + "。", "entities": entities}
+
+
+def test_a_chinese_tagger_reads_characters_beside_the_models_own_tokens(tagged_ai):
+    pytest.importorskip("sklearn")
+    ai, tmp = tagged_ai
+    rng = random.Random(2)
+    (tmp / "zh.jsonl").write_text("".join(json.dumps(sentence_zh(rng), ensure_ascii=False) + "\n" for _ in range(200)),
+                                  encoding="utf-8")
+    report = ai.fit("who", tmp / "zh.jsonl", augment=False)
+    assert report["cv"]["chosen"]["prompt"] == "echo+natural" and report["cv"]["split_chars"]
+    held_back = [sentence_zh(rng) for _ in range(30)]
+    pred = [[(e["start"], e["end"], e["type"]) for e in ai.run("who", s["text"]).data["entities"]] for s in held_back]
+    gold = [[(e["start"], e["end"], e["type"]) for e in s["entities"]] for s in held_back]
+    assert span_scores(gold, pred)["f1"] > 0.6
+    mixed = "张伟和 Anna 去了北京"  # Chinese and English in one window: exact offsets still
+    for e in ai.run("who", mixed).data["entities"]:
+        assert mixed[e["start"]:e["end"]] == e["text"]

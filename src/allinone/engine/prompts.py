@@ -163,6 +163,11 @@ def _fit_conversation(backend: "Backend", prompt: Prompt, reserve: int, share: b
 _CJK = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uac00-\ud7af\uff00-\uffef\u3000-\u303f]")
 
 
+def has_cjk(text: str) -> bool:
+    """Whether ``text`` holds a character :func:`split_cjk` tokenizes on its own."""
+    return _CJK.search(text) is not None
+
+
 def split_cjk(backend: "Backend", text: str) -> list[int]:
     """Token ids of ``text`` with every CJK character (and full-width form) tokenized on its
     own and every other run of text as usual, so no token spans two CJK characters."""
