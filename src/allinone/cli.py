@@ -404,8 +404,8 @@ def tasks(as_json: JsonOpt = False, options: Optional[dict] = None) -> None:
 @_handle_errors
 @with_settings()
 def fit(
-    task: Annotated[str, typer.Argument(help="a classify task (see `allinone tasks`)")],
-    data: Annotated[list[Path], typer.Option("--data", "-d", help="JSONL rows with 'text' and 'label' (repeatable)")],
+    task: Annotated[str, typer.Argument(help="a classify task or a span task such as ner (see `allinone tasks`)")],
+    data: Annotated[list[Path], typer.Option("--data", "-d", help="JSONL rows with 'text' and 'label', or 'text' and 'entities' (repeatable)")],
     method: Annotated[str, typer.Option(help="auto (best by cross-validation); classify: calibrate, head or head+logprobs; span tasks: tagger")] = "auto",
     limit: Annotated[Optional[list[int]], typer.Option(help="only the first N rows of each file; repeated: one N per --data file, in order")] = None,
     augment: Annotated[bool, typer.Option("--augment/--no-augment", help="also train on copies of 30% of the rows with an instruction appended")] = True,

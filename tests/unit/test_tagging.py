@@ -279,6 +279,23 @@ def test_echo_natural_gives_each_character_the_state_of_the_model_token_that_hol
     assert [j.prompt.split_chars for j in jobs] == [True, False] and jobs[0].prompt.natural_copies
 
 
+def test_text_without_cjk_gets_the_same_states_from_echo_and_echo_natural(tagged_ai):
+    # why a head fit on English rows with ``echo`` serves unchanged under ``echo+natural``
+    from allinone.tasks.kinds.tagger import candidate_layers, featurize_spans
+
+    ai, _ = tagged_ai
+    texts = ["Anna  met Bob in Paris.", "Prices rose 3% on 12/05 \U0001f642 in Berlin"]
+
+    def run(jobs):
+        return [h.result() for h in ai._engine.submit_all(jobs, timeout=None)]
+
+    layers = candidate_layers(ai.info.n_layer)
+    echo, natural = (featurize_spans(texts, run=run, variant=v, layers=layers, split_chars=True)
+                     for v in ("echo", "echo+natural"))
+    for (a, off_a, text_a), (b, off_b, text_b) in zip(echo, natural):
+        assert text_a == text_b and off_a == off_b and np.array_equal(a, b)
+
+
 PEOPLE_ZH = ["张伟", "李娜", "王芳", "刘洋", "陈静"]
 PLACES_ZH = ["北京", "上海", "广州", "成都", "杭州"]
 WORDS_ZH = ["今天", "我们", "去了", "公园", "天气", "很好", "朋友", "吃饭", "散步", "电影"]
