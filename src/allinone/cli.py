@@ -395,8 +395,15 @@ def tasks(as_json: JsonOpt = False, options: Optional[dict] = None) -> None:
         learned = row["learned"]
         how = row["method"]
         if learned:
-            cv = learned.get("cv", {}).get(learned["method"], {})
-            how += f" (fit on {learned['data']['file']}, {learned['data']['rows']} rows; CV macro-F1 {cv.get('macro_f1')})"
+            cv = learned.get("cv", {})
+            if learned["method"] == "tagger":  # held-out span F1 of the choice; per head when heads were refit apart
+                parts = {k: v["chosen"].get("f1_by_language", {}).get(k, v["chosen"]["f1"])
+                         for k, v in cv.items() if isinstance(v, dict) and "chosen" in v}
+                figure = ("held-out F1 " + ", ".join(f"{k} {f}" for k, f in parts.items()) if parts
+                          else f"held-out F1 {cv.get('chosen', {}).get('f1')}")
+            else:
+                figure = f"CV macro-F1 {cv.get(learned['method'], {}).get('macro_f1')}"
+            how += f" (fit on {learned['data']['file']}, {learned['data']['rows']} rows; {figure})"
         print(f"{row['name']}\t{row['kind']}\t{how}\t{row['description']}")
 
 

@@ -242,6 +242,9 @@ def test_a_span_fit_from_the_cli_prints_each_candidate_and_the_entities_its_copi
     out = CliRunner().invoke(app, ["fit", "who", "--data", str(tmp / "cli.jsonl"), "--no-augment", "--json", *model])
     report = json.loads(out.stdout.strip().splitlines()[-1])
     assert report["cv"]["injected_copies"] == 0 and "entities_lost" not in report["cv"]["chosen"]
+    listing = CliRunner().invoke(app, ["tasks", *model])
+    line = next(x for x in listing.stdout.splitlines() if x.startswith("who\t"))
+    assert f"held-out F1 {report['cv']['chosen']['f1']}" in line  # a tagger's figure, not a classify one
 
 
 def test_offsets_survive_cjk_emoji_full_width_digits_and_repeated_spaces(tagged_ai):
