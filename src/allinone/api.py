@@ -99,6 +99,7 @@ class AllInOne:
         engine = Engine.load(
             source, backend=settings.backend, n_ctx=settings.n_ctx, n_threads=settings.n_threads,
             dtype=settings.dtype, cache_dir=settings.cache_dir, kv_cache_mb=settings.kv_cache_mb,
+            batch_invariant=settings.batch_invariant,
             max_queue=settings.max_queue, timeout=settings.request_timeout, max_batch=settings.max_batch,
             max_active=settings.max_active)
         return cls(engine, settings, load_seconds=time.perf_counter() - start, source=source)

@@ -73,9 +73,10 @@ def test_greedy_replies_barely_depend_on_what_else_runs(ai):
     """8 greedy replies at once equal the same replies one by one, but for a near tie or two,
     and a classification gets the same label alone and in a batch.
 
-    Not bit-exact (issue #12 asks for it; not reached): a sequence's KV cells sit elsewhere in
-    llama.cpp's unified cache when others run, so attention sums round differently and a
-    near tie can flip (seen in CI: 1 reply of 8 diverged after 12 words)."""
+    Not bit-exact by default (issue #12 asks for it; the ``batch_invariant`` setting gives it
+    for scores, not for replies): a sequence's KV cells sit elsewhere in llama.cpp's unified
+    cache when others run, so attention sums round differently and a near tie can flip (seen in
+    CI: 1 reply of 8 diverged after 12 words; docs/reliability.md)."""
     import concurrent.futures as cf
 
     prompts = ["Name three fruits.", "用一句话介绍北京。", "What is 2+2?", "Say hi in French.",

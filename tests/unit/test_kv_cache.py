@@ -164,3 +164,31 @@ def test_copies_that_share_their_source_count_once_while_it_lives():
         pool.release(entry, keep=False)
     pool.evict_one()  # the prefix's holder goes: its copy (the shared entry) now counts its cells
     assert pool.used_tokens == sum(len(e.tokens) for e in pool.entries) >= 900
+
+
+def test_declared_only_reuses_a_declared_prefix_whole_and_nothing_else():
+    """batch-invariant mode: how much of a prompt is computed depends on the prompt alone."""
+    store = RecordingStore()
+    pool = KVPool(store, capacity_tokens=1000, max_entries=8, min_shared=4, declared_only=True)
+    task_prefix = [1, 2, 3, 4, 5]
+    entry, n = pool.acquire(task_prefix, limit=0)  # what Backend.cache_prefix does in this mode
+    assert n == 0
+    entry.tokens = list(task_prefix)
+    store.states[entry.handle] = list(task_prefix)
+    entry.shared = True
+    pool.release(entry)
+
+    _, n = compute(pool, store, task_prefix + [6, 7, 8])
+    assert n == len(task_prefix)  # the declared prefix, whole
+    _, n = compute(pool, store, task_prefix + [6, 7, 8])
+    assert n == len(task_prefix)  # not the earlier prompt, although it ran before
+    _, n = compute(pool, store, [1, 2, 3, 9, 9, 9])
+    assert n == 0  # a part of a declared prefix is not reused either
+    assert [e.tokens for e in pool.entries] == [task_prefix]  # prompts are freed, not kept
+
+
+def test_without_declared_only_an_earlier_prompt_is_reused():
+    pool, store = make()
+    compute(pool, store, [1, 2, 3, 4, 5, 6, 7, 8])
+    _, n = compute(pool, store, [1, 2, 3, 4, 5, 6, 7, 9])
+    assert n == 7

@@ -68,6 +68,12 @@ class Backend(abc.ABC):
     n_vocab: int
     #: most prompt tokens of one reply computed per step (see :meth:`step`)
     prefill_chunk: int = 256
+    #: a text's label scores and hidden states do not depend on what else runs or ran before:
+    #: each sequence is computed in its own forward pass, in slices that depend on the prompt
+    #: alone (only declared task prefixes are reused, ``KVPool.declared_only``). Slower, and
+    #: greedy replies are not covered; docs/reliability.md says what it costs and why the
+    #: default rounds differently.
+    batch_invariant: bool = False
 
     # -- tokens -------------------------------------------------------------------------
     @abc.abstractmethod
@@ -299,7 +305,12 @@ class Backend(abc.ABC):
             inner = [(i, j, list(c)) for i, (_, conts) in enumerate(requests) for j, c in enumerate(conts) if len(c) > 1]
             while inner:
                 # each fork is a copy of its prompt: as many as free sequences and budget allow
-                room = self.kv.max_entries - sum(e.in_use for e in self.kv.entries)
+                if self.batch_invariant:
+                    # evict nothing, not even another task's idle prefix: its freed cells would
+                    # sit before this prompt's and flash attention sums in cell order
+                    room = self.kv.max_entries - len(self.kv.entries)
+                else:
+                    room = self.kv.max_entries - sum(e.in_use for e in self.kv.entries)
                 budget = self.kv.capacity_tokens - sum(len(e.tokens) for e in self.kv.entries if e.in_use)
                 size, cost = 0, 0
                 while size < len(inner):
@@ -311,9 +322,21 @@ class Backend(abc.ABC):
                 group, inner = inner[:size], inner[size:]
                 forks: list[KVEntry] = []
                 try:
-                    for i, _, _ in group:
-                        forks.append(self.kv.fork(held[i]))
-                    rows = self.forward(forks, [c[:-1] for _, _, c in group], all_logits=True)
+                    if self.batch_invariant:
+                        # A fork's few new cells may land before its prompt's in the cache,
+                        # and flash attention sums in cell order: here each continuation
+                        # recomputes its prompt after the declared prefix, in one pass.
+                        news = []
+                        for i, _, c in group:
+                            fork, n = self.kv.acquire(requests[i][0])
+                            forks.append(fork)
+                            news.append(list(requests[i][0])[n:] + c[:-1])
+                        rows = [r[len(new) - len(c) + 1:] for r, new, (_, _, c) in
+                                zip(self.forward(forks, news, all_logits=True), news, group)]
+                    else:
+                        for i, _, _ in group:
+                            forks.append(self.kv.fork(held[i]))
+                        rows = self.forward(forks, [c[:-1] for _, _, c in group], all_logits=True)
                     for (i, j, c), logits in zip(group, rows):
                         scores[i][j] += sum(float(log_softmax(logits[k])[c[k + 1]]) for k in range(len(c) - 1))
                 finally:
@@ -339,6 +362,8 @@ class Backend(abc.ABC):
     def _cache_common_prefix(self, prompts: Sequence[Sequence[int]]) -> None:
         """Compute the prefix all ``prompts`` share once, as a shared KV entry, so that a batch
         arriving before any of its prompts is cached does not compute it once per prompt."""
+        if self.batch_invariant:  # what a batch's prompts share depends on the batch
+            return
         common = list(prompts[0][: min(map(len, prompts)) - 1])
         for p in prompts[1:]:
             common = common[: common_prefix_len(common, p)]
@@ -353,7 +378,8 @@ class Backend(abc.ABC):
             return
         if any(e.shared and e.tokens == common for e in self.kv.entries):
             return
-        entry, n = self.kv.acquire(common)
+        # batch-invariant: from scratch, so the prefix's states do not depend on what is cached
+        entry, n = self.kv.acquire(common, limit=0 if self.batch_invariant else None)
         try:
             if n < len(common):
                 self.forward_hidden([entry], [common[n:]], (), logits=False)
@@ -402,8 +428,9 @@ class Backend(abc.ABC):
         differently for one token than inside a batch, and otherwise the first reply token
         would depend on how much of the prompt happened to be cached). Greedy replies are
         decoded one sequence per forward pass, so that their tokens do not depend on how many
-        other replies run (batch-invariant greedy decoding); sampled replies are decoded
-        together.
+        other replies run; sampled replies are decoded together. (On llama.cpp a greedy reply
+        still depends on where its KV cells sit, even with :attr:`batch_invariant`:
+        docs/reliability.md.)
 
         Returns:
             per state, in order: the sampled token id (end tokens included: stopping is the

@@ -86,6 +86,10 @@ class KVPool:
         copies_share: a copy shares its source's memory (llama.cpp tags the same cells with
             both sequences): see :attr:`used_tokens`. Without it (transformers clones the
             tensors) every entry's positions are counted, copied ones included.
+        declared_only: reuse only whole prefixes declared shared (a task's fixed prompt, see
+            ``Backend.cache_prefix``), never a part of one nor an earlier prompt: how much of a
+            prompt is computed then depends on the prompt alone, not on what ran before it
+            (the backends' ``batch_invariant`` mode).
 
     Counting a copy's copied positions under its source only while the source lives keeps the
     count an upper bound: counting only a copy's own positions fell short once a source was
@@ -95,8 +99,9 @@ class KVPool:
     """
 
     def __init__(self, store: KVStore, *, capacity_tokens: int, max_entries: int, min_shared: int = 16,
-                 copies_share: bool = False) -> None:
+                 copies_share: bool = False, declared_only: bool = False) -> None:
         self.store = store
+        self.declared_only = declared_only
         self.copies_share = copies_share
         self.capacity_tokens = capacity_tokens
         self.max_entries = max_entries
@@ -138,6 +143,8 @@ class KVPool:
         best_key = (0, False, False)
         for e in self.entries:
             m = common_prefix_len(e.tokens, prompt, limit)
+            if self.declared_only and not (e.shared and m == len(e.tokens)):
+                continue
             continues = not e.in_use and not e.shared and m == len(e.tokens)
             key = (m, continues, e.shared)
             if m > 0 and key > best_key:
@@ -180,7 +187,7 @@ class KVPool:
         """End the use of ``entry``; keep it for reuse, or free it."""
         entry.in_use = False
         entry.last_used = next(self._clock)
-        if not keep:
+        if not keep or (self.declared_only and not entry.shared):  # never reused: free it now
             self._drop(entry)
 
     def clear(self) -> None:

@@ -60,6 +60,10 @@ class LlamaCppBackend(Backend):
         kv_cache_mb: megabytes of KV cache for all sequences, cached and running (F16 keys and
             values); at least one full context window is always allocated.
         model_id: display id.
+        batch_invariant: see :attr:`Backend.batch_invariant`. Here: flash attention (its sums
+            run over a sequence's own cells in order, so where they sit in the unified cache
+            changes nothing) and one sequence per ``llama_decode`` (flash attention rounds
+            differently with other tokens in the same decode).
 
     Raises:
         BackendUnavailableError: llama-cpp-python is not installed, or the file cannot be loaded.
@@ -68,7 +72,8 @@ class LlamaCppBackend(Backend):
     name = "llamacpp"
 
     def __init__(self, gguf_path: Path, *, n_ctx: int = 4096, n_threads: int | None = None,
-                 n_batch: int = 256, kv_cache_mb: float = 128, model_id: str | None = None) -> None:
+                 n_batch: int = 256, kv_cache_mb: float = 128, model_id: str | None = None,
+                 batch_invariant: bool = False) -> None:
         try:
             import llama_cpp
             from llama_cpp import _internals, _logger
@@ -109,7 +114,9 @@ class LlamaCppBackend(Backend):
         # Measured on this project's 2-core x86 CPU, 24 new tokens after 700 cached: 236 ms with
         # flash attention (llama.cpp's "auto" picks it on CPU) and 187 ms without; the gap grows
         # with the context, which is what conversation turns add up to.
-        params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        params.flash_attn_type = (llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if batch_invariant
+                                  else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED)
+        self.batch_invariant = batch_invariant
         self._states = _StateCapture(self.n_layer, self.hidden_size)
         params.cb_eval = self._states.callback
         try:
@@ -121,7 +128,7 @@ class LlamaCppBackend(Backend):
         self._batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
         self._free_seqs = list(range(N_SEQ_MAX - 1, -1, -1))
         self.kv = KVPool(self, capacity_tokens=llama_cpp.llama_n_ctx(self._ctx.ctx), max_entries=N_SEQ_MAX,
-                         copies_share=True)
+                         copies_share=True, declared_only=batch_invariant)
 
         vocab = self._model.vocab
         eog = {t for t in range(self.n_vocab) if llama_cpp.llama_vocab_is_eog(vocab, t)}
@@ -230,6 +237,8 @@ class LlamaCppBackend(Backend):
         # 4: 62, 8: 100, 16: 181 (llama-batched-bench with unified KV: 40, 43, 61, 101, 182),
         # while B decodes of one token each cost B x 40 ms (docs/benchmarks.md).
         for i, (entry, new) in enumerate(zip(entries, new_tokens)):
+            if n and self.batch_invariant:
+                flush()
             start = len(entry.tokens)
             last = len(new) - 1
             for k, tok in enumerate(new):

@@ -37,6 +37,8 @@ class TransformersBackend(Backend):
             capped at 8192.
         n_threads: torch intra-op threads; default: all cores.
         kv_cache_mb: megabytes of KV cache kept over all sequences, cached and running.
+        batch_invariant: see :attr:`Backend.batch_invariant`. Here: no padded batches for
+            scoring (each prompt in its own forward pass, as every other path already is).
 
     Raises:
         BackendUnavailableError: torch/transformers missing or the folder cannot be loaded.
@@ -51,7 +53,8 @@ class TransformersBackend(Backend):
     score_pad_slack = 64
 
     def __init__(self, model_dir: Path, *, dtype: str = "float32", n_ctx: int | None = None,
-                 n_threads: int | None = None, kv_cache_mb: float = 128, model_id: str | None = None) -> None:
+                 n_threads: int | None = None, kv_cache_mb: float = 128, model_id: str | None = None,
+                 batch_invariant: bool = False) -> None:
         try:
             import torch
             from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -85,13 +88,14 @@ class TransformersBackend(Backend):
         #: bytes of keys + values per token over all layers, in the model's dtype
         self.kv_bytes_per_token = layers * kv_heads * head_dim * 2 * torch.tensor([], dtype=getattr(torch, dtype)).element_size()
         capacity = max(self.n_ctx, int(kv_cache_mb * 2**20 // self.kv_bytes_per_token))
-        self.kv = KVPool(self, capacity_tokens=capacity, max_entries=64)
+        self.batch_invariant = batch_invariant
+        self.kv = KVPool(self, capacity_tokens=capacity, max_entries=64, declared_only=batch_invariant)
         # transformers 5 renamed the forward argument `past_key_values` to `cache`.
         params = inspect.signature(self.model.model.forward).parameters
         self._cache_arg = "cache" if "cache" in params else "past_key_values"
         # Batched scoring builds caches from (batch, heads, positions, head_dim) tensors holding every
         # position; a sliding-window layer keeps only the last window: use the generic path then.
-        self._batched_scoring = not any(getattr(self.kv_new(), "is_sliding", ()) or ())
+        self._batched_scoring = not batch_invariant and not any(getattr(self.kv_new(), "is_sliding", ()) or ())
 
     def _end_token_ids(self) -> set[int]:
         ids: set[int] = set()

@@ -218,7 +218,8 @@ class Engine:
 
     @classmethod
     def load(cls, source: "ModelSource", *, backend: str = "auto", n_ctx: int = 4096, n_threads: int | None = None,
-             dtype: str = "float32", cache_dir: Any = None, kv_cache_mb: float = 128, **options: Any) -> "Engine":
+             dtype: str = "float32", cache_dir: Any = None, kv_cache_mb: float = 128, batch_invariant: bool = False,
+             **options: Any) -> "Engine":
         """Load ``source`` on a backend (see :func:`allinone.backends.load_backend`) and start the
         engine over it; ``options`` are the other :class:`Engine` arguments.
 
@@ -228,7 +229,7 @@ class Engine:
         from ..backends import load_backend
 
         loaded = load_backend(source, backend, n_ctx=n_ctx, n_threads=n_threads, dtype=dtype,
-                              cache_dir=cache_dir, kv_cache_mb=kv_cache_mb)
+                              cache_dir=cache_dir, kv_cache_mb=kv_cache_mb, batch_invariant=batch_invariant)
         return cls(loaded, sha256=source.sha256, **options)
 
     # -- submitting -----------------------------------------------------------------------
