@@ -94,3 +94,16 @@ def test_greedy_replies_barely_depend_on_what_else_runs(ai):
         # by the shipped sentiment head, whose layer-24 states have large activations)
         assert max(a, key=a.get) == max(b, key=b.get)
         assert a == pytest.approx(b, abs=5e-2)
+
+
+def test_batch_invariant_scores_are_the_same_alone_and_in_a_batch(model_cache):
+    """With ``batch_invariant``, the shipped heads' and label scoring's probabilities are bit for
+    bit the same alone and in a batch (by default they drift by up to 0.07: docs/reliability.md)."""
+    texts = [t for t, _ in CLEAR_CASES]
+    requests = ["play some jazz from the eighties", "will it rain in Paris tomorrow",
+                "book a table for two at 8pm", "add this song to my road trip playlist"]
+    with AllInOne.load("embedded", backend="llamacpp", cache_dir=model_cache, batch_invariant=True) as ai:
+        labels = ["PlayMusic", "GetWeather", "BookRestaurant", "AddToPlaylist", "SearchScreeningEvent"]
+        for task, items, params in (("sentiment", texts, {}), ("intent", requests, {"labels": labels})):
+            alone = [ai.run(task, t, **params).scores for t in items]
+            assert [r.scores for r in ai.run_many(task, items, **params)] == alone, task
