@@ -1,0 +1,79 @@
+"""Label probabilities alone vs in a batch, and greedy replies alone vs at once (issue #12).
+
+    .venv/bin/python benchmarks/invariance.py                  # 48 texts per task, both modes; ~20 min
+    .venv/bin/python benchmarks/invariance.py --limit 8 --modes invariant
+
+For each mode (the default, and ``batch_invariant=True``) and each path (learned artifacts, and
+prompting with ``learned=False``): the first ``--limit`` texts of the SST-2 and SNIPS training
+pools, each run alone with ``ai.run``, then all at once with ``ai.run_many``; one JSON line with
+the largest and median absolute difference of a label's probability, how many texts differ by
+more than 1e-3, label changes, and the seconds each way. With prompting, 8 greedy chat replies
+(48 tokens) one by one, then from 8 threads at once: how many are equal. Run it with nothing else
+on the CPU (the times are part of the result); figures are in docs/reliability.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import json
+import statistics
+import time
+from pathlib import Path
+
+from allinone import AllInOne
+
+POOLS = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "train"
+PROMPTS = ["Name three fruits.", "用一句话介绍北京。", "What is 2+2?", "Say hi in French.",
+           "推荐一本书。", "Give me a color.", "What day comes after Monday?", "写一个四个字的成语。"]
+
+
+def rows(name: str, limit: int) -> list[dict]:
+    with open(POOLS / name, encoding="utf-8") as f:
+        return [json.loads(line) for line, _ in zip(f, range(limit))]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--limit", type=int, default=48, help="texts per task")
+    parser.add_argument("--modes", default="default,invariant")
+    parser.add_argument("--model", default="embedded")
+    args = parser.parse_args()
+
+    sentiment = [r["text"] for r in rows("sst2_train.jsonl", args.limit)]
+    intent = [r["text"] for r in rows("snips_intent_train.jsonl", args.limit)]
+    with open(POOLS / "snips_intent_train.jsonl", encoding="utf-8") as f:
+        labels = sorted({json.loads(line)["label"] for line in f})
+    for mode in args.modes.split(","):
+        for learned in (True, False):
+            with AllInOne.load(args.model, learned=learned, batch_invariant=mode == "invariant") as ai:
+                for task, items, params in (("sentiment", sentiment, {}), ("intent", intent, {"labels": labels})):
+                    start = time.perf_counter()
+                    alone = [ai.run(task, t, **params).scores for t in items]
+                    middle = time.perf_counter()
+                    batch = [r.scores for r in ai.run_many(task, items, **params)]
+                    end = time.perf_counter()
+                    diffs = [max(abs(a[k] - b[k]) for k in a) for a, b in zip(alone, batch)]
+                    print(json.dumps({
+                        "mode": mode, "learned": learned, "task": task, "n": len(items),
+                        "max_abs_diff": max(diffs), "median_abs_diff": statistics.median(diffs),
+                        "over_1e-3": sum(d > 1e-3 for d in diffs),
+                        "label_changes": sum(max(a, key=a.get) != max(b, key=b.get) for a, b in zip(alone, batch)),
+                        "alone_s": round(middle - start, 1), "batch_s": round(end - middle, 1)}), flush=True)
+                if not learned:
+                    def reply(prompt: str) -> str:
+                        return ai.chat(prompt, temperature=0, max_tokens=48).text
+
+                    start = time.perf_counter()
+                    one_by_one = [reply(p) for p in PROMPTS]
+                    middle = time.perf_counter()
+                    with cf.ThreadPoolExecutor(len(PROMPTS)) as pool:
+                        at_once = list(pool.map(reply, PROMPTS))
+                    end = time.perf_counter()
+                    print(json.dumps({"mode": mode, "greedy_equal": sum(a == b for a, b in zip(one_by_one, at_once)),
+                                      "of": len(PROMPTS), "alone_s": round(middle - start, 1),
+                                      "together_s": round(end - middle, 1)}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
