@@ -426,11 +426,13 @@ class Backend(abc.ABC):
         same way whatever else runs. A state whose prompt is done samples one token: the
         prompt's last token is computed on its own, as every reply token is (llama.cpp rounds
         differently for one token than inside a batch, and otherwise the first reply token
-        would depend on how much of the prompt happened to be cached). Greedy replies are
-        decoded one sequence per forward pass, so that their tokens do not depend on how many
-        other replies run; sampled replies are decoded together. (On llama.cpp a greedy reply
-        still depends on where its KV cells sit, even with :attr:`batch_invariant`:
-        docs/reliability.md.)
+        would depend on how much of the prompt happened to be cached). The replies ready for a
+        token are decoded together in one forward pass, greedy ones too: computing greedy
+        replies one sequence per pass bought no determinism on llama.cpp (a reply still depends
+        on where its KV cells sit) and cost 8 streams 60 % of their throughput
+        (docs/benchmarks.md). With :attr:`batch_invariant` the llama.cpp backend computes one
+        sequence per pass anyway; greedy replies still depend on their cells there
+        (docs/reliability.md).
 
         Returns:
             per state, in order: the sampled token id (end tokens included: stopping is the
@@ -443,13 +445,9 @@ class Backend(abc.ABC):
             self.forward_hidden([fresh.entry], [fresh.pending[:take]], (), logits=False)
             fresh.pending = fresh.pending[take:]
         ready = [s for s in states if len(s.pending) == 1]
-        greedy = [s for s in ready if s.sampling.greedy]
-        sampled = [s for s in ready if not s.sampling.greedy]
         rows: dict[int, np.ndarray] = {}
-        for s in greedy:
-            rows[id(s)] = self.forward([s.entry], [s.pending])[0]
-        if sampled:
-            for s, logits in zip(sampled, self.forward([s.entry for s in sampled], [s.pending for s in sampled])):
+        if ready:
+            for s, logits in zip(ready, self.forward([s.entry for s in ready], [s.pending for s in ready])):
                 rows[id(s)] = logits
         out: list[int | None] = []
         for state in states:
