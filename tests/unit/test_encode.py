@@ -56,6 +56,34 @@ def test_a_cached_prefix_gives_the_same_states(tiny_backend):
     assert np.allclose(cold, warm, atol=1e-4)
 
 
+def test_prompts_of_a_batch_compute_what_they_share_once(tiny_backend):
+    """Two prompts that share a long stem before the states they read (one text read in two
+    ways after a first copy, as the Chinese tagger does) compute the stem once, get the states
+    they get alone, and leave no stem cached after the batch."""
+    b = tiny_backend
+    stem = b.render_chat([{"role": "user", "content": "a first copy of a text that both prompts share " * 2}],
+                         add_generation_prompt=False)
+    a, c = stem + b.tokenize("read it one way"), stem + b.tokenize("或者另一种方式 read")
+    b.kv.clear()
+    alone = []
+    for ids in (a, c):
+        b.kv.clear()
+        alone.append(b.encode_batch([(ids, len(stem))], (1, -1), keep=False)[0])
+    b.kv.clear()
+    computed = []
+    forward_hidden = b.forward_hidden
+    b.forward_hidden = lambda entries, new, *args, **kw: (computed.extend(map(len, new)),
+                                                          forward_hidden(entries, new, *args, **kw))[1]
+    try:
+        together = b.encode_batch([(a, len(stem)), (c, len(stem))], (1, -1), keep=False)
+    finally:
+        del b.forward_hidden
+    assert sum(computed) == len(a) + len(c) - len(stem)
+    for x, y in zip(alone, together):
+        assert np.allclose(x, y, atol=1e-4), np.abs(x - y).max()
+    assert b.kv.entries == []
+
+
 def test_score_job_states_equal_encode_job_last_token(tiny_backend):
     engine = Engine(tiny_backend)  # not closed: the backend is session-wide
     scored = engine.run(ScoreJob(PROMPT, ("yes", "no"), layers=(2,)))

@@ -218,6 +218,7 @@ class Backend(abc.ABC):
         held: list[KVEntry] = []
         cached: list[int] = []
         kept: list[bool] = []
+        stems = [] if self.batch_invariant else self._cache_shared_stems(requests)
         try:
             for ids, start in requests:
                 entry, n = self.kv.acquire(ids, limit=start)
@@ -232,6 +233,30 @@ class Backend(abc.ABC):
         finally:
             for entry, k in zip(held, kept):
                 self.kv.release(entry, keep=k and bool(entry.tokens))
+            for entry in stems:  # a text's own tokens: not asked for again, and cells cost attention time
+                self.kv.release(entry, keep=False)
+
+    def _cache_shared_stems(self, requests: Sequence[tuple[Sequence[int], int]]) -> list[KVEntry]:
+        """Compute once what two or more prompts of a batch share before the states they read,
+        beyond what is cached (e.g. the first copy of a text that two prompts then read in two
+        ways: the Chinese tagger's ``echo+natural``), as shared KV entries that the prompts
+        copy from; without it each prompt computes the shared part itself. The caller frees
+        the entries after the batch.
+
+        Only stems at least ``kv.min_shared`` tokens longer than the longest cached prefix are
+        worth the extra pass. Sorted prompts: each prompt's longest common prefix with any
+        other is the one with a neighbour.
+        """
+        order = sorted(range(len(requests)), key=lambda i: list(requests[i][0]))
+        stems = {tuple(requests[a][0][: common_prefix_len(requests[a][0], requests[b][0],
+                                                          min(requests[a][1], requests[b][1]))])
+                 for a, b in zip(order, order[1:])}
+        made = []
+        for stem in sorted(stems, key=len):
+            cached = max((common_prefix_len(e.tokens, stem) for e in self.kv.entries), default=0)
+            if len(stem) - cached >= self.kv.min_shared:
+                made.append(self._compute_shared(stem))
+        return made
 
     # -- scoring (classification) --------------------------------------------------------------
     def score(self, prefix_ids: Sequence[int], continuations: Sequence[Sequence[int]]) -> list[float]:
@@ -378,16 +403,21 @@ class Backend(abc.ABC):
             return
         if any(e.shared and e.tokens == common for e in self.kv.entries):
             return
+        self._compute_shared(common)
+
+    def _compute_shared(self, ids: list[int]) -> KVEntry:
+        """A new idle shared entry holding ``ids``, from the longest cached prefix on."""
         # batch-invariant: from scratch, so the prefix's states do not depend on what is cached
-        entry, n = self.kv.acquire(common, limit=0 if self.batch_invariant else None)
+        entry, n = self.kv.acquire(ids, limit=0 if self.batch_invariant else None)
         try:
-            if n < len(common):
-                self.forward_hidden([entry], [common[n:]], (), logits=False)
+            if n < len(ids):
+                self.forward_hidden([entry], [ids[n:]], (), logits=False)
         except BaseException:
             self.kv.release(entry, keep=False)
             raise
         entry.shared = True
         self.kv.release(entry)
+        return entry
 
     # -- generation -------------------------------------------------------------------------
     def start(self, prompt_ids: Sequence[int], sampling: SamplingParams, *,
