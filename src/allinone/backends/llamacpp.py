@@ -60,10 +60,12 @@ class LlamaCppBackend(Backend):
         kv_cache_mb: megabytes of KV cache for all sequences, cached and running (F16 keys and
             values); at least one full context window is always allocated.
         model_id: display id.
-        batch_invariant: see :attr:`Backend.batch_invariant`. Here: flash attention (its sums
-            run over a sequence's own cells in order, so where they sit in the unified cache
-            changes nothing) and one sequence per ``llama_decode`` (flash attention rounds
-            differently with other tokens in the same decode).
+        batch_invariant: see :attr:`Backend.batch_invariant`. Here: flash attention (for a
+            step of several tokens its sums run over a sequence's own cells in order, so where
+            they sit in the unified cache changes nothing; a one-token step with 512 or more
+            cells in view is split by cell index over the threads, which is why greedy replies
+            are not covered: docs/reliability.md) and one sequence per ``llama_decode`` (flash
+            attention rounds differently with other tokens in the same decode).
 
     Raises:
         BackendUnavailableError: llama-cpp-python is not installed, or the file cannot be loaded.
