@@ -192,3 +192,50 @@ def test_without_declared_only_an_earlier_prompt_is_reused():
     compute(pool, store, [1, 2, 3, 4, 5, 6, 7, 8])
     _, n = compute(pool, store, [1, 2, 3, 4, 5, 6, 7, 9])
     assert n == 7
+
+
+def test_idle_entries_beyond_the_cap_are_evicted_oldest_first():
+    store = RecordingStore()
+    pool = KVPool(store, capacity_tokens=10_000, max_entries=16, min_shared=4, idle_tokens=25)
+    a, _ = compute(pool, store, [1] * 10)
+    b, _ = compute(pool, store, [2] * 10)
+    c, _ = compute(pool, store, [3] * 10)
+    assert pool.entries == [a, b, c]  # 20 idle positions besides the latest: under the cap
+    d, _ = compute(pool, store, [4] * 10)
+    assert pool.entries == [b, c, d] and a.handle in store.freed  # 30 > 25: the oldest goes
+
+
+def test_the_latest_idle_entry_stays_however_long_and_entries_in_use_are_not_counted():
+    store = RecordingStore()
+    pool = KVPool(store, capacity_tokens=10_000, max_entries=16, min_shared=4, idle_tokens=25)
+    running, _ = pool.acquire([9] * 100)
+    pool.reserve(100, keep=[running])
+    running.tokens = [9] * 100
+    small, _ = compute(pool, store, [1] * 10)
+    long_, _ = compute(pool, store, [2] * 40)  # over the cap alone: kept, as the latest
+    assert small in pool.entries and long_ in pool.entries and running in pool.entries
+    other, _ = compute(pool, store, [3] * 20)
+    assert pool.entries == [running, other]  # 50 positions behind the latest: both older ones go
+    pool.release(running)  # now idle and the latest: the cap counts the others
+    assert pool.entries == [running, other]
+
+
+def test_without_a_cap_idle_entries_stay_until_room_is_needed():
+    pool, store = make(capacity=1000)
+    entries = [compute(pool, store, [i] * 50)[0] for i in range(1, 8)]
+    assert pool.entries == entries
+
+
+def test_shared_prefixes_are_not_capped_and_conversations_count_only_their_own_positions():
+    store = RecordingStore()
+    pool = KVPool(store, capacity_tokens=10_000, max_entries=16, min_shared=4, copies_share=True, idle_tokens=25)
+    system = list(range(100, 160))  # a 60-token prompt both conversations start with
+    first, _ = compute(pool, store, system + [1] * 10)
+    second, n = compute(pool, store, system + [2] * 10)
+    shared = [e for e in pool.entries if e.shared]
+    assert n == 60 and len(shared) == 1 and shared[0].tokens == system
+    third, _ = compute(pool, store, system + [3] * 10)
+    # each conversation holds 10 positions of its own: 20 behind the latest, under the cap
+    assert first in pool.entries and second in pool.entries and third in pool.entries and shared[0] in pool.entries
+    fourth, _ = compute(pool, store, system + [4] * 10)
+    assert first not in pool.entries and shared[0] in pool.entries

@@ -16,7 +16,11 @@ The same idea as automatic prefix caching in vLLM and RadixAttention in SGLang (
 2024, "SGLang: Efficient Execution of Structured Language Model Programs"), at the granularity of
 whole sequences instead of blocks. Entries are evicted least recently used first when the token
 budget (the configured megabytes of KV cache) or the number of entries is exhausted; entries in
-use are never evicted.
+use are never evicted. A backend whose sequences all attend over one shared pool of cells
+(llama.cpp's unified KV cache) also caps what idle conversations may hold (``idle_tokens``):
+there an idle entry is not free, every later forward pass attends over its cells too. Shared
+prefixes (a task's fixed prompt, a system prompt several conversations start with) are not
+capped: each serves many requests, and only the token budget evicts them.
 """
 
 from __future__ import annotations
@@ -90,6 +94,12 @@ class KVPool:
             ``Backend.cache_prefix``), never a part of one nor an earlier prompt: how much of a
             prompt is computed then depends on the prompt alone, not on what ran before it
             (the backends' ``batch_invariant`` mode).
+        idle_tokens: the most token positions idle entries that are not shared prefixes (kept
+            conversations) hold, beyond the most recently used one (always kept, so the
+            conversation just answered can go on in place); ``None``: no cap. An entry counts
+            its own positions: not those it shares with its live source, nor those of a live
+            shared prefix copied from it (with ``copies_share`` those cells stay while either
+            lives).
 
     Counting a copy's copied positions under its source only while the source lives keeps the
     count an upper bound: counting only a copy's own positions fell short once a source was
@@ -99,8 +109,9 @@ class KVPool:
     """
 
     def __init__(self, store: KVStore, *, capacity_tokens: int, max_entries: int, min_shared: int = 16,
-                 copies_share: bool = False, declared_only: bool = False) -> None:
+                 copies_share: bool = False, declared_only: bool = False, idle_tokens: int | None = None) -> None:
         self.store = store
+        self.idle_tokens = idle_tokens
         self.declared_only = declared_only
         self.copies_share = copies_share
         self.capacity_tokens = capacity_tokens
@@ -189,6 +200,7 @@ class KVPool:
         entry.last_used = next(self._clock)
         if not keep or (self.declared_only and not entry.shared):  # never reused: free it now
             self._drop(entry)
+        self._trim_idle()
 
     def clear(self) -> None:
         """Free every entry (in use or not)."""
@@ -196,6 +208,24 @@ class KVPool:
             self._drop(e)
 
     # -- internals ----------------------------------------------------------------------
+    def _trim_idle(self) -> None:
+        """Evict idle entries that are not shared prefixes, least recently used first, until they
+        hold at most ``idle_tokens`` positions beyond the most recently used of them."""
+        if self.idle_tokens is None:
+            return
+        idle = sorted((e for e in self.entries if not e.in_use and not e.shared), key=lambda e: e.last_used)
+        while len(idle) > 1 and sum(map(self._own, idle[:-1])) > self.idle_tokens:
+            self._drop(idle.pop(0))
+
+    def _own(self, entry: KVEntry) -> int:
+        """The positions of ``entry`` that no other live entry holds (see ``idle_tokens``)."""
+        if not self.copies_share:
+            return len(entry.tokens)
+        shared = [c.source_n for c in self.entries if c.source is entry and c.shared]
+        if entry.source is not None and entry.source in self.entries:
+            shared.append(entry.source_n)
+        return len(entry.tokens) - min(max(shared, default=0), len(entry.tokens))
+
     def _new_entry(self, *, keep: Sequence[KVEntry] = ()) -> KVEntry:
         while len(self.entries) >= self.max_entries:
             if not self.evict_one(keep):

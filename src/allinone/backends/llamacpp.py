@@ -44,6 +44,14 @@ _TURN_TOKENS = ("<|im_end|>", "<|endoftext|>", "<|im_start|>", "<|eot_id|>", "<e
 #: sequence ids of the llama.cpp context: cached and running sequences together
 N_SEQ_MAX = 64
 
+#: the most token positions idle cached sequences may hold (beyond the most recently used one).
+#: In the unified KV cache every forward pass attends over all cells in use, other sequences'
+#: included (masked, but computed): on the 0.5B model a sentiment request took 192 ms with an
+#: empty cache and 237 / 359 / 408 ms with 10 / 20 / 30 idle conversations of ~350 tokens
+#: cached (2026-12-06, docs/engine.md). The cap keeps the task prefixes and the latest
+#: conversations; an older conversation is recomputed when it comes back.
+IDLE_TOKENS = 2048
+
 
 class LlamaCppBackend(Backend):
     """A GGUF model on llama.cpp.
@@ -130,7 +138,7 @@ class LlamaCppBackend(Backend):
         self._batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
         self._free_seqs = list(range(N_SEQ_MAX - 1, -1, -1))
         self.kv = KVPool(self, capacity_tokens=llama_cpp.llama_n_ctx(self._ctx.ctx), max_entries=N_SEQ_MAX,
-                         copies_share=True, declared_only=batch_invariant)
+                         copies_share=True, declared_only=batch_invariant, idle_tokens=IDLE_TOKENS)
 
         vocab = self._model.vocab
         eog = {t for t in range(self.n_vocab) if llama_cpp.llama_vocab_is_eog(vocab, t)}
