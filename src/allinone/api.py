@@ -335,7 +335,7 @@ class AllInOne:
             cv = choice.report
             chosen = choice.method
             head_tensors = choice.head.tensors() if choice.head is not None else None
-            extra = {"method": chosen, "features": features, "labels": labels}
+            extra = {"method": chosen, "features": features, "labels": labels, "prompt_sha256": spec.prompt_sha256()}
         seconds = time.perf_counter() - start
         report: dict[str, Any] = {"task": task, "method": chosen, "path": None, "model_sha256": sha,
                                   "data": rows.describe(), "cv": cv, "seconds": round(seconds, 1),
@@ -408,6 +408,10 @@ class AllInOne:
             self._artifacts[spec.name] = (id(spec), None, "learned artifacts are off (learned=false): prompting")
             return None, self._artifacts[spec.name][2]
         artifact, note = self.artifacts.lookup(spec.name, self.model_sha256)
+        fit_on = artifact.meta.get("prompt_sha256") if artifact is not None else None
+        if fit_on is not None and fit_on != spec.prompt_sha256():
+            artifact, note = None, (f"{artifact.path} was fit on another version of the task's prompt (instructions, "
+                                    "template, question, labels or examples changed since): prompting; fit it again")
         if note and artifact is None and self.model_sha256 is not None:
             log.warning("task %s: %s", spec.name, note)
         self._artifacts[spec.name] = (id(spec), artifact, note)

@@ -127,6 +127,18 @@ def test_an_artifact_of_another_model_is_refused_and_the_task_prompts(tiny_ai):
     assert ai.run("animal", "a zebra").label in {"zebra", "yak"}
 
 
+def test_a_head_fit_on_another_version_of_the_prompt_is_not_used(tiny_ai):
+    ai, tmp = tiny_ai
+    ai.fit("animal", write_rows(tmp / "train.jsonl", synthetic(120, seed=3)), method="head")
+    assert ai.describe_task("animal")["method"] == "head"
+    ai.register_task({**TASK, "instructions": {"en": "Name the animal in the text."}})
+    described = ai.describe_task("animal")
+    assert described["method"] == "prompt" and "another version of the task's prompt" in described["note"]
+    assert ai.run("animal", "a yak").label in {"zebra", "yak"}
+    ai.register_task(TASK)  # the prompt it was fit on (the description is not part of it)
+    assert ai.describe_task("animal")["method"] == "head"
+
+
 @pytest.mark.parametrize("lines,message", [
     (['{"text": "a zebra", "label": "zebra"}', 'not json'], r"train.jsonl:2: not a JSON line"),
     (['{"text": "a zebra"}'], r"train.jsonl:1: missing 'label'"),

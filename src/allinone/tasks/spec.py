@@ -28,6 +28,8 @@ Every error names the file and the field, e.g.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 from typing import Any, Literal
 
@@ -189,6 +191,13 @@ class TaskSpec(_Strict):
 
     def languages(self) -> list[str]:
         return list(self.instructions)
+
+    def prompt_sha256(self) -> str:
+        """SHA-256 (hex) of what a classify prompt is written from: instructions, template,
+        question, labels and examples. A head learned on a prompt's hidden states is tied to it:
+        the same text read under another prompt gives other states."""
+        pieces = self.model_dump(mode="json", include={"instructions", "template", "question", "labels", "examples"})
+        return hashlib.sha256(json.dumps(pieces, sort_keys=True, ensure_ascii=False).encode("utf-8")).hexdigest()
 
 
 def format_errors(exc: ValidationError, source: str) -> str:
