@@ -47,7 +47,7 @@ N_SEQ_MAX = 64
 #: the most token positions idle cached sequences may hold (beyond the most recently used one).
 #: In the unified KV cache every forward pass attends over all cells in use, other sequences'
 #: included (masked, but computed): on the 0.5B model a sentiment request took 192 ms with an
-#: empty cache and 237 / 359 / 408 ms with 10 / 20 / 30 idle conversations of ~350 tokens
+#: empty cache and 237 / 359 / 408 ms with 10 / 20 / 30 idle conversations of ~230 tokens
 #: cached (2026-12-06, docs/engine.md). The cap keeps the task prefixes and the latest
 #: conversations; an older conversation is recomputed when it comes back.
 IDLE_TOKENS = 2048
