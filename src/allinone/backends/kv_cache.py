@@ -200,7 +200,8 @@ class KVPool:
         entry.last_used = next(self._clock)
         if not keep or (self.declared_only and not entry.shared):  # never reused: free it now
             self._drop(entry)
-        self._trim_idle()
+        elif not entry.shared:  # a kept conversation: the only way idle entries grow
+            self._trim_idle()
 
     def clear(self) -> None:
         """Free every entry (in use or not)."""
@@ -213,9 +214,16 @@ class KVPool:
         hold at most ``idle_tokens`` positions beyond the most recently used of them."""
         if self.idle_tokens is None:
             return
-        idle = sorted((e for e in self.entries if not e.in_use and not e.shared), key=lambda e: e.last_used)
-        while len(idle) > 1 and sum(map(self._own, idle[:-1])) > self.idle_tokens:
-            self._drop(idle.pop(0))
+        older = sorted((e for e in self.entries if not e.in_use and not e.shared), key=lambda e: e.last_used)[:-1]
+        # counted once: a kept conversation copies from a shared prefix or a running entry, so
+        # dropping one leaves the others' own positions as they were
+        owns = [self._own(e) for e in older]
+        held = sum(owns)
+        for entry, own in zip(older, owns):
+            if held <= self.idle_tokens:
+                break
+            self._drop(entry)
+            held -= own
 
     def _own(self, entry: KVEntry) -> int:
         """The positions of ``entry`` that no other live entry holds (see ``idle_tokens``)."""
