@@ -15,8 +15,8 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .engine import DEFAULT, Engine, EngineStats, GenerationStream, ModelInfo, collect
-from .errors import AllInOneError, InvalidInputError
+from .engine import DEFAULT, DeviceLock, Engine, EngineStats, GenerationStream, ModelInfo, collect
+from .errors import AllInOneError, InvalidInputError, ModelSourceError
 from .learn.artifacts import Artifact, ArtifactStore, save
 from .models import ModelSource, default_cache_dir, resolve_model
 from .results import AnalyzeResult, ChatChunk, ChatResult, ClassifyResult, TaskResult
@@ -43,6 +43,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 #: the task ``analyze`` labels a message with when no tasks are named
 ANALYZE_SENTIMENT = "sentiment"
+#: the chat model ``chat_model="auto"`` takes when it is installed
+AUTO_CHAT_MODEL = "embedded-1.5b"
 
 
 class AllInOne:
@@ -55,8 +57,10 @@ class AllInOne:
     """
 
     def __init__(self, engine: Engine, settings: Settings, *, load_seconds: float = 0.0,
-                 source: ModelSource | None = None) -> None:
+                 source: ModelSource | None = None, chat_engine: Engine | None = None) -> None:
         self._engine = engine
+        #: writes the chat replies: the task model's engine, or a second model's (``chat_model``)
+        self._chat_engine = chat_engine or engine
         self.settings = settings
         self.load_seconds = load_seconds
         self._source = source
@@ -89,6 +93,7 @@ class AllInOne:
     def from_settings(cls, settings: Settings) -> "AllInOne":
         start = time.perf_counter()
         source = resolve_model(settings.model, cache_dir=settings.cache_dir)
+        chat_source = resolve_chat_model(settings, source)
         if settings.weights != "shipped" and source.kind == "gguf":
             from .models.quantize import requantized
 
@@ -96,13 +101,25 @@ class AllInOne:
             path = requantized(source.path, settings.weights, settings.cache_dir or default_cache_dir(),
                                threads=settings.n_threads)
             source = ModelSource("gguf", path, f"{source.name}-{settings.weights}", sha256=source.fingerprint())
-        engine = Engine.load(
-            source, backend=settings.backend, n_ctx=settings.n_ctx, n_threads=settings.n_threads,
-            dtype=settings.dtype, cache_dir=settings.cache_dir, kv_cache_mb=settings.kv_cache_mb,
-            batch_invariant=settings.batch_invariant,
-            max_queue=settings.max_queue, timeout=settings.request_timeout, max_batch=settings.max_batch,
-            max_active=settings.max_active)
-        return cls(engine, settings, load_seconds=time.perf_counter() - start, source=source)
+        # two models on one CPU take turns, or their spinning threads slow both many-fold
+        device = DeviceLock() if chat_source is not None else None
+
+        def load(model: ModelSource) -> Engine:
+            return Engine.load(
+                model, backend=settings.backend, n_ctx=settings.n_ctx, n_threads=settings.n_threads,
+                dtype=settings.dtype, cache_dir=settings.cache_dir, kv_cache_mb=settings.kv_cache_mb,
+                batch_invariant=settings.batch_invariant, max_queue=settings.max_queue,
+                timeout=settings.request_timeout, max_batch=settings.max_batch, max_active=settings.max_active,
+                device=device)
+
+        engine = load(source)
+        try:
+            chat_engine = load(chat_source) if chat_source is not None else None
+        except BaseException:
+            engine.close()
+            raise
+        return cls(engine, settings, load_seconds=time.perf_counter() - start, source=source,
+                   chat_engine=chat_engine)
 
     # -- info ---------------------------------------------------------------------------
     @property
@@ -119,6 +136,15 @@ class AllInOne:
         return self._engine.info.backend
 
     @property
+    def chat_info(self) -> ModelInfo:
+        """The model that writes chat replies: :attr:`info` unless ``chat_model`` loaded another."""
+        return self._chat_engine.info
+
+    @property
+    def chat_model_id(self) -> str:
+        return self._chat_engine.info.model_id
+
+    @property
     def model_sha256(self) -> str | None:
         """The loaded model's SHA-256 (read once from the file when not known already); learned
         artifacts are tied to it. ``None`` for a model built in memory (tests)."""
@@ -127,8 +153,11 @@ class AllInOne:
         return self._sha256
 
     def stats(self) -> EngineStats:
-        """Queue depth, active replies, KV cache use, prefix hit ratio and batch sizes now."""
-        return self._engine.stats()
+        """Queue depth, active replies, KV cache use, prefix hit ratio and batch sizes now (with
+        a chat model: both engines' figures added)."""
+        if self._chat_engine is self._engine:
+            return self._engine.stats()
+        return self._engine.stats() + self._chat_engine.stats()
 
     def tokenize(self, text: str, *, timeout: float | None = DEFAULT) -> list[int]:
         """Token ids of ``text`` as plain text (control-token strings are not parsed).
@@ -597,12 +626,12 @@ class AllInOne:
         def begun(req: ChatRequest, opening: str) -> Iterator[ChatChunk]:
             # submitted now (a full queue fails here, as for any reply); the model continues
             # after words already written, and the caller gets them first
-            stream = self._engine.submit(req.job(reply_prefix=opening), timeout=timeout)
+            stream = self._chat_engine.submit(req.job(reply_prefix=opening), timeout=timeout)
             return itertools.chain([ChatChunk(opening)], reply_chunks(stream))
 
         if looks_harmful(text):  # declined by prompt and by its first words; never asked again
             return begun(request.steered(pick(DECLINE, lang)), pick(DECLINE_OPENING, lang))
-        chunks = reply_chunks(self._engine.submit(request.job(), timeout=timeout))
+        chunks = reply_chunks(self._chat_engine.submit(request.job(), timeout=timeout))
         opening = pick(RETRY_OPENING.get(mood, RETRY_OPENING[None]), lang)
         return guard_refusals(chunks, retry=lambda: begun((retry_from or request).steered(pick(STEER, lang)), opening))
 
@@ -639,12 +668,40 @@ class AllInOne:
     # -- lifetime -----------------------------------------------------------------------
     def close(self) -> None:
         self._engine.close()
+        if self._chat_engine is not self._engine:
+            self._chat_engine.close()
 
     def __enter__(self) -> "AllInOne":
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def resolve_chat_model(settings: Settings, main: ModelSource) -> ModelSource | None:
+    """The model that writes chat replies when it is not ``main`` (the ``chat_model`` setting).
+
+    ``None`` (the default) and a model that resolves to ``main``'s file give ``None``: one
+    model serves everything. ``"auto"`` is :data:`AUTO_CHAT_MODEL` when its packages are
+    installed (the ``large`` extra), else ``None``, logged. Learned task artifacts stay with the
+    task model; the chat model only writes replies (measured in docs/evaluation.md, "Chat").
+
+    Raises:
+        ModelSourceError: a named ``chat_model`` cannot be found or fails its checksum.
+    """
+    name = settings.chat_model
+    if name is None:
+        return None
+    if name == "auto":
+        try:
+            chat = resolve_model(AUTO_CHAT_MODEL, cache_dir=settings.cache_dir)
+        except ModelSourceError as exc:
+            log.info("chat_model=auto: %s is not available (%s); chat replies use %s", AUTO_CHAT_MODEL,
+                     str(exc).splitlines()[0], main.name)
+            return None
+    else:
+        chat = resolve_model(name, cache_dir=settings.cache_dir)
+    return None if Path(chat.path).resolve() == Path(main.path).resolve() else chat
 
 
 def _any_cjk(texts: Sequence[str]) -> bool:

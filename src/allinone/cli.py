@@ -547,7 +547,8 @@ def _eval_chat(data: Path, limit: Optional[int], params: dict, options: dict, as
     if as_json:
         _dump(report)
         return
-    print(f"{report['model']}: {report['data']} ({report['rows']} prompts, {report['replies']} replies)")
+    model = report["model"] if report["chat_model"] == report["model"] else f"{report['model']} + {report['chat_model']} (chat)"
+    print(f"{model}: {report['data']} ({report['rows']} prompts, {report['replies']} replies)")
     for key in ("refusal_rate", "language_match", "stop_rate", "loop_rate", "empty_rate", "echo_rate", "acknowledge_rate",
                 "misplaced_sympathy_rate", "declined_rate", "ms_first_token_p50"):
         if key in report:

@@ -30,6 +30,9 @@ class Settings(BaseSettings):
     weights: Literal["shipped", "q8_0", "q4_0", "f16"] = Field(
         "shipped", description="llama.cpp weight format: the GGUF as shipped, or re-quantized once into the cache")
     cache_dir: Path | None = Field(None, description="where assembled/converted models are kept")
+    chat_model: str | None = Field(
+        None, description="a second model that writes the chat replies (chat, analyze, the OpenAI route, the UI) while "
+        "the tasks stay on 'model': 'auto' = 'embedded-1.5b' when installed, else none; default: none, one model")
 
     # scheduling and caching (see engine/core.py and backends/kv_cache.py)
     kv_cache_mb: float = Field(

@@ -5,6 +5,7 @@
 """
 
 from .core import DEFAULT, Engine, EngineStats, GenerateOutput, GenerationStream, ModelInfo, Pending, collect
+from .device import DeviceLock
 from .jobs import (
                    TEXT_SLOT,
                    EncodeJob,
@@ -19,7 +20,7 @@ from .jobs import (
 )
 
 __all__ = [
-    "DEFAULT", "TEXT_SLOT", "EncodeJob", "EncodeOutput", "Engine", "EngineStats", "GenerateJob", "GenerateOutput",
+    "DEFAULT", "TEXT_SLOT", "DeviceLock", "EncodeJob", "EncodeOutput", "Engine", "EngineStats", "GenerateJob", "GenerateOutput",
     "GenerationStream", "Job", "ModelInfo", "Pending", "Prompt", "PromptInfo", "ScoreJob", "ScoreOutput",
     "TokenizeJob", "collect",
 ]

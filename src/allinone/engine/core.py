@@ -36,6 +36,7 @@ import numpy as np
 from ..backends.kv_cache import common_prefix_len
 from ..errors import AllInOneError, OverloadedError, RequestTimeoutError
 from ..types import TextDelta
+from .device import DeviceLock
 from .jobs import EncodeJob, EncodeOutput, GenerateJob, Job, PromptInfo, ScoreJob, ScoreOutput, TokenizeJob
 from .prompts import Fitted, fit_prompt, token_offsets
 
@@ -86,6 +87,16 @@ class EngineStats:
     def prefix_hit_ratio(self) -> float:
         """Share of all prompt tokens so far that came from the KV cache instead of being computed."""
         return self.cached_tokens / max(self.prompt_tokens, 1)
+
+    def __add__(self, other: "EngineStats") -> "EngineStats":
+        """The figures of two engines together (a chat model beside the task model)."""
+        sizes = dict(self.batch_sizes)
+        for size, count in other.batch_sizes.items():
+            sizes[size] = sizes.get(size, 0) + count
+        return EngineStats(
+            self.queue_depth + other.queue_depth, self.active_replies + other.active_replies,
+            self.kv_used_tokens + other.kv_used_tokens, self.kv_capacity_tokens + other.kv_capacity_tokens,
+            self.prompt_tokens + other.prompt_tokens, self.cached_tokens + other.cached_tokens, sizes)
 
 
 class _Task:
@@ -195,11 +206,15 @@ class Engine:
         max_batch: the most classification prompts (or encodings) computed in one batch.
         max_active: the most replies decoded together.
         sha256: the model file's SHA-256, when known.
+        device: shared with the other engines on this CPU, so that only one of them computes at
+            a time (:class:`DeviceLock`); ``None``: this engine computes whenever it has work.
     """
 
     def __init__(self, backend: "Backend", *, max_queue: int = 64, timeout: float | None = None,
-                 max_batch: int = 16, max_active: int = 16, sha256: str | None = None) -> None:
+                 max_batch: int = 16, max_active: int = 16, sha256: str | None = None,
+                 device: DeviceLock | None = None) -> None:
         self._backend = backend
+        self._device = device
         self.timeout = timeout
         self.max_queue = max_queue
         self.max_batch = max_batch
@@ -319,13 +334,21 @@ class Engine:
                 self._started(task)
             if closing and not waiting and not active:
                 return
-            self._admit(waiting, active)
-            head = next((t for t in waiting if not isinstance(t.job, GenerateJob)), None)
-            if head is not None:
-                self._run_batch(head, waiting)
-            if active:
-                self._step(active)
+            if self._device is None:
+                self._turn(waiting, active)
+            else:
+                with self._device:
+                    self._turn(waiting, active)
             self._n_active = len(active)
+
+    def _turn(self, waiting: deque[_Task], active: list[_Active]) -> None:
+        """One loop turn of compute: admit replies, run the oldest batch, step every reply."""
+        self._admit(waiting, active)
+        head = next((t for t in waiting if not isinstance(t.job, GenerateJob)), None)
+        if head is not None:
+            self._run_batch(head, waiting)
+        if active:
+            self._step(active)
 
     def _run_batch(self, head: _Task, waiting: deque[_Task]) -> None:
         """Run the head job with every waiting job that can share its batch."""

@@ -178,7 +178,8 @@ def evaluate_chat(ai: "AllInOne", data: str | Path, *, limit: int | None = None,
             turns.append(t)
             history += [{"role": "user", "content": prompt}, {"role": "assistant", "content": reply}]
         per_row.append((row, mine))
-    report: dict[str, Any] = {"data": str(path), "model": ai.model_id, "rows": len(rows), "replies": len(turns)}
+    report: dict[str, Any] = {"data": str(path), "model": ai.model_id, "chat_model": ai.chat_model_id,
+                              "rows": len(rows), "replies": len(turns)}
     benign = [t for (row, ts) in per_row if not row.get("harmful") for t in ts]
     if benign:
         report.update(

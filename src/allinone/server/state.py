@@ -104,6 +104,8 @@ class ServerState:
             ai.close()
             return
         log.info("model %s loaded on %s in %.1f s", ai.model_id, ai.backend_name, ai.load_seconds)
+        if ai.chat_model_id != ai.model_id:
+            log.info("chat replies are written by %s", ai.chat_model_id)
         self.ai = ai
 
     def close(self) -> None:

@@ -48,7 +48,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> dic
     except BaseException:
         slot.release()
         raise
-    meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": ai.model_id}
+    meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": ai.chat_model_id}
     if not body.stream:
         try:
             reply = await collect(request, stream)
@@ -76,18 +76,21 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> dic
 
 @router.get("/models")
 async def list_models(request: Request) -> dict[str, Any]:
-    """``{"object": "list", "data": [model]}``: the one loaded model."""
+    """``{"object": "list", "data": [model, ...]}``: the loaded model, then the chat model when
+    ``chat_model`` loaded a second one (it writes every chat completion)."""
     server = server_state(request)
-    return {"object": "list", "data": [_model_object(server)]}
+    return {"object": "list", "data": _model_objects(server)}
 
 
 @router.get("/models/{model_id:path}")
 async def get_model(model_id: str, request: Request) -> dict[str, Any]:
     server = server_state(request)
-    model = _model_object(server)
-    if model_id != model["id"]:
-        raise HTTPException(404, f"no model {model_id!r}; this server has {model['id']!r}")
-    return model
+    models = _model_objects(server)
+    for model in models:
+        if model["id"] == model_id:
+            return model
+    names = " and ".join(repr(m["id"]) for m in models)
+    raise HTTPException(404, f"no model {model_id!r}; this server has {names}")
 
 
 def completion_object(meta: dict[str, Any], reply: ChatResult) -> dict[str, Any]:
@@ -164,7 +167,8 @@ class _SSEResponse(EventSourceResponse):
             await self._on_close()
 
 
-def _model_object(server: ServerState) -> dict[str, Any]:
+def _model_objects(server: ServerState) -> list[dict[str, Any]]:
     ai = server.require_ai()
-    return {"id": ai.model_id, "object": "model", "created": server.started, "owned_by": "allinone",
-            "backend": ai.backend_name}
+    infos = [ai.info] if ai.chat_model_id == ai.model_id else [ai.info, ai.chat_info]
+    return [{"id": info.model_id, "object": "model", "created": server.started, "owned_by": "allinone",
+             "backend": info.backend} for info in infos]

@@ -15,8 +15,9 @@ router = APIRouter(tags=["system"])
 
 @router.get("/health")
 async def health(request: Request) -> JSONResponse:
-    """200 ``{"status": "ok", "model", "backend", "queue_depth", "in_flight", "uptime_seconds"}``
-    once the model is loaded; 503 ``{"status": "loading"}`` before, 503 ``{"status": "error",
+    """200 ``{"status": "ok", "model", "backend", "chat_model", "queue_depth", "in_flight",
+    "uptime_seconds"}`` once the model is loaded (``chat_model``: the model that writes chat
+    replies, ``model`` unless the ``chat_model`` setting loaded another); 503 ``{"status": "loading"}`` before, 503 ``{"status": "error",
     "error": {...}}`` if loading failed."""
     server = server_state(request)
     if server.ai is None:
@@ -27,7 +28,7 @@ async def health(request: Request) -> JSONResponse:
         return JSONResponse({"status": "loading"}, status_code=503, headers={"Retry-After": "5"})
     ai = server.ai
     return JSONResponse({
-        "status": "ok", "model": ai.model_id, "backend": ai.backend_name,
+        "status": "ok", "model": ai.model_id, "backend": ai.backend_name, "chat_model": ai.chat_model_id,
         "queue_depth": ai.stats().queue_depth, "in_flight": server.admission.active,
         "uptime_seconds": int(time.time()) - server.started,
     })

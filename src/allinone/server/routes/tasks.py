@@ -68,7 +68,7 @@ async def chat(body: ChatTaskRequest, request: Request) -> dict[str, Any]:
         history = await _history(server, body.session_id)
         reply = await _reply(server, request, history, body)
     await _store(server, body, reply)
-    return {"object": "chat.reply", "model": ai.model_id, "session_id": body.session_id, "reply": reply.to_dict()}
+    return {"object": "chat.reply", "model": ai.chat_model_id, "session_id": body.session_id, "reply": reply.to_dict()}
 
 
 @router.post("/tokenize")
