@@ -174,7 +174,7 @@ def test_loaded_from_settings_each_model_answers_as_it_does_alone(tiny_gguf_path
     """Two different tiny models: replies equal those of the chat model alone, labels those of
     the task model alone."""
     chat_dir = make_tiny_hf_model(tmp_path / "chat-model", seed=1)
-    options = dict(n_ctx=1024, cache_dir=tmp_path / "cache")
+    options = {"n_ctx": 1024, "cache_dir": tmp_path / "cache"}
     message = [{"role": "user", "content": "Tell me about the sea."}]
     with AllInOne.load(str(tiny_gguf_path), **options) as alone:
         labels = alone.sentiment("The soup was cold.").scores
