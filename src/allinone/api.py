@@ -101,7 +101,7 @@ class AllInOne:
             path = requantized(source.path, settings.weights, settings.cache_dir or default_cache_dir(),
                                threads=settings.n_threads)
             source = ModelSource("gguf", path, f"{source.name}-{settings.weights}", sha256=source.fingerprint())
-        # two models on one CPU take turns, or their spinning threads slow both many-fold
+        # two models on one CPU take turns, so a short request waits for at most one step of the other
         device = DeviceLock() if chat_source is not None else None
 
         def load(model: ModelSource) -> Engine:
