@@ -684,7 +684,8 @@ def resolve_chat_model(settings: Settings, main: ModelSource) -> ModelSource | N
     ``None`` (the default) and a model that resolves to ``main``'s file give ``None``: one
     model serves everything. ``"auto"`` is :data:`AUTO_CHAT_MODEL` when its packages are
     installed (the ``large`` extra), else ``None``, logged. Learned task artifacts stay with the
-    task model; the chat model only writes replies (measured in docs/evaluation.md, "Chat").
+    task model; the chat model only writes replies (measured in docs/evaluation.md, "Chat"). It
+    is loaded as shipped (the ``weights`` setting re-quantizes the task model only).
 
     Raises:
         ModelSourceError: a named ``chat_model`` cannot be found or fails its checksum.

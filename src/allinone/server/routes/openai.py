@@ -169,6 +169,6 @@ class _SSEResponse(EventSourceResponse):
 
 def _model_objects(server: ServerState) -> list[dict[str, Any]]:
     ai = server.require_ai()
-    infos = [ai.info] if ai.chat_model_id == ai.model_id else [ai.info, ai.chat_info]
+    infos = [ai.info] if ai.chat_info is ai.info else [ai.info, ai.chat_info]
     return [{"id": info.model_id, "object": "model", "created": server.started, "owned_by": "allinone",
              "backend": info.backend} for info in infos]

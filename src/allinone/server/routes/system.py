@@ -17,8 +17,9 @@ router = APIRouter(tags=["system"])
 async def health(request: Request) -> JSONResponse:
     """200 ``{"status": "ok", "model", "backend", "chat_model", "queue_depth", "in_flight",
     "uptime_seconds"}`` once the model is loaded (``chat_model``: the model that writes chat
-    replies, ``model`` unless the ``chat_model`` setting loaded another); 503 ``{"status": "loading"}`` before, 503 ``{"status": "error",
-    "error": {...}}`` if loading failed."""
+    replies, ``model`` unless the ``chat_model`` setting loaded another); 503
+    ``{"status": "loading"}`` before, 503 ``{"status": "error", "error": {...}}`` if loading
+    failed."""
     server = server_state(request)
     if server.ai is None:
         if server.load_error is not None:
