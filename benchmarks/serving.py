@@ -19,7 +19,7 @@ threads each):
 * sentiment throughput (sentences/s) over ``--throughput-limit`` sentences: allinone
   sequential and with 1, 4 and 16 HTTP clients, ``llama-server -np 16`` with 16 clients;
 * chat, streamed and greedy: time to first token and decode tokens/s of one stream, 8 concurrent
-  streams, time to first token by turn 1..10 of one conversation: allinone, ``llama-server``
+  streams, time to first token by turn 1..10 (median of 3 conversations): allinone, ``llama-server``
   (1 slot; 8 slots for the 8 streams); raw llama-cpp-python decode in process;
 * one decode step of 1..16 sequences: ``llama-batched-bench`` (KV per sequence and unified)
   against allinone's backend;
@@ -258,15 +258,23 @@ def eight_streams(base: str, temperature: float = 0) -> dict:
     return {"ttft_ms_median": 1000 * statistics.median(x[0] for x in many), "aggregate_tok_s": sum(x[2] for x in many) / wall}
 
 
+TURN_TOPICS = ("the ocean", "the mountains", "the desert")
+
+
 def turn_ttfts(base: str) -> list[float]:
-    """Time to first token (ms) of turns 1..10 of one conversation."""
-    turns, history = [], []
-    for i in range(10):
-        history.append({"role": "user", "content": f"Turn {i + 1}: tell me one more fact about the ocean."})
-        ttft, _, _, text = stream_chat(base, history, max_tokens=48)
-        history.append({"role": "assistant", "content": text})
-        turns.append(1000 * ttft)
-    return turns
+    """Time to first token (ms) of turns 1..10: per turn, the median over one conversation per
+    topic of :data:`TURN_TOPICS` (one conversation gave one sample per turn, and a single
+    outlier, e.g. 807 ms at turn 2 of the 2026-12-06 afternoon run, decided the ratio)."""
+    runs = []
+    for topic in TURN_TOPICS:
+        turns, history = [], []
+        for i in range(10):
+            history.append({"role": "user", "content": f"Turn {i + 1}: tell me one more fact about {topic}."})
+            ttft, _, _, text = stream_chat(base, history, max_tokens=48)
+            history.append({"role": "assistant", "content": text})
+            turns.append(1000 * ttft)
+        runs.append(turns)
+    return [statistics.median(run[i] for run in runs) for i in range(10)]
 
 
 def one_stream(base: str) -> dict:
@@ -478,7 +486,7 @@ def markdown(report: dict) -> str:
     if any(c for _, c in chats):
         lines += ["", "## Chat (streamed, greedy, up to 96 tokens)", "",
                   "| system | one stream: first token ms | one stream: decode tokens/s | 8 streams: median first token ms | "
-                  "8 streams: aggregate tokens/s | first token ms by turn 1..10 |", "|---|---|---|---|---|---|"]
+                  "8 streams: aggregate tokens/s | first token ms by turn 1..10 (median of 3 conversations) |", "|---|---|---|---|---|---|"]
         for name, c in chats:
             if c and c.get("one_stream"):
                 lines.append(f"| {name} | {c['one_stream']['ttft_ms']:.0f} | {c['one_stream']['decode_tok_s']:.1f} | "
