@@ -258,18 +258,21 @@ def eight_streams(base: str, temperature: float = 0) -> dict:
     return {"ttft_ms_median": 1000 * statistics.median(x[0] for x in many), "aggregate_tok_s": sum(x[2] for x in many) / wall}
 
 
-TURN_TOPICS = ("the ocean", "the mountains", "the desert")
+TURN_TOPICS = ("Oceans", "Mountains", "Deserts")
 
 
 def turn_ttfts(base: str) -> list[float]:
     """Time to first token (ms) of turns 1..10: per turn, the median over one conversation per
     topic of :data:`TURN_TOPICS` (one conversation gave one sample per turn, and a single
-    outlier, e.g. 807 ms at turn 2 of the 2026-12-06 afternoon run, decided the ratio)."""
+    outlier, e.g. 807 ms at turn 2 of the 2026-12-06 afternoon run, decided the ratio). Each
+    message starts with its topic, so a conversation's first turn shares nothing beyond the
+    system prompt with the conversations before it (a shared "Turn 1: tell me one more fact
+    about " made later first turns cheap: median turn 1 152 ms against 209 in one conversation)."""
     runs = []
     for topic in TURN_TOPICS:
         turns, history = [], []
         for i in range(10):
-            history.append({"role": "user", "content": f"Turn {i + 1}: tell me one more fact about {topic}."})
+            history.append({"role": "user", "content": f"{topic}, turn {i + 1}: tell me one more fact."})
             ttft, _, _, text = stream_chat(base, history, max_tokens=48)
             history.append({"role": "assistant", "content": text})
             turns.append(1000 * ttft)
