@@ -43,6 +43,29 @@ def _occurrences(text: str, needle: str, haystack: str) -> list[tuple[int, int]]
     return out
 
 
+def has_letter(span: str) -> bool:
+    """Whether ``span`` can be a name: a span without any letter (a score, a date, a number,
+    punctuation) never is (no entity of the CoNLL-2003 and MSRA evaluation files is one)."""
+    return any(ch.isalpha() for ch in span)
+
+
+def whole_words(text: str, spans: list[tuple[int, int, str]]) -> list[tuple[int, int, str]]:
+    """``spans`` (start, end, type), sorted by start, each widened to the whole words of a
+    space-delimited script it cuts (a tagger tags tokens, and a token can end inside a word:
+    "Cy" of "Cyberspace"); a span that then overlaps the one before it, or holds no letter
+    (:func:`has_letter`), is dropped. CJK text has no word boundaries to respect and is left as
+    it is."""
+    out: list[tuple[int, int, str]] = []
+    for a, b, kind in spans:
+        while 0 < a < len(text) and _is_word(text[a - 1]) and _is_word(text[a]):
+            a -= 1
+        while 0 < b < len(text) and _is_word(text[b - 1]) and _is_word(text[b]):
+            b += 1
+        if (not out or out[-1][1] <= a) and has_letter(text[a:b]):
+            out.append((a, b, kind))
+    return out
+
+
 def locate_spans(text: str, items: list[dict[str, Any]], spans: SpanConfig) -> tuple[list[dict[str, Any]], int]:
     """Give each answered span its character offsets in ``text``.
 
@@ -67,7 +90,7 @@ def locate_spans(text: str, items: list[dict[str, Any]], spans: SpanConfig) -> t
         if (needle, kind) in seen:
             continue
         seen.add((needle, kind))
-        if not any(ch.isalpha() for ch in needle):  # scores, dates, numbers: never a name
+        if not has_letter(needle):
             dropped += 1
             continue
         occ = _occurrences(text, needle, text)
