@@ -474,16 +474,23 @@ class AllInOne:
         return self._drive(plans, timeout)
 
     def _drive(self, plans: Mapping[Any, Any], timeout: float | None, *, isolate: bool = False) -> dict[Any, Any]:
-        """Run plans (:meth:`TaskKind.plan`) in rounds: each round submits the jobs of every
-        plan at once, so they share the engine's batches. With ``isolate``, a plan whose job
-        fails gets its error as its result and the others go on; else the first error cancels
-        the rest and is raised."""
+        """Run plans (:meth:`TaskKind.plan`) in rounds: each round submits the jobs of as many
+        plans as half the engine's queue (``max_queue``) holds, at least one plan's, so they
+        share the engine's batches; a plan whose round was computed goes to the back. With
+        ``isolate``, a plan whose job fails gets its error as its result and the others go on;
+        else the first error cancels the rest and is raised."""
         results: dict[Any, Any] = {}
         waiting = {}
         for key, plan in plans.items():
             waiting[key] = next(plan)
+        budget = max(1, self.settings.max_queue // 2)
         while waiting:
-            keys = list(waiting)
+            keys, size = [], 0
+            for key, jobs in waiting.items():
+                if keys and size + len(jobs) > budget:
+                    break
+                keys.append(key)
+                size += len(jobs)
             handles = self._engine.submit_all([job for key in keys for job in waiting[key]], timeout=timeout)
             k = 0
             try:
@@ -492,15 +499,15 @@ class AllInOne:
                     k += len(mine)
                     try:
                         outputs = [collect(h) if isinstance(h, GenerationStream) else h.result() for h in mine]
+                        del waiting[key]
                         waiting[key] = plans[key].send(outputs)
                     except StopIteration as done:
                         results[key] = done.value
-                        del waiting[key]
                     except AllInOneError as exc:
                         if not isolate:
                             raise
                         results[key] = exc
-                        del waiting[key]
+                        waiting.pop(key, None)
             finally:
                 for h in handles:  # a failed task cancels the work of the others
                     if isinstance(h, GenerationStream):

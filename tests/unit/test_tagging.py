@@ -47,21 +47,21 @@ def test_a_tagger_reading_several_layers_round_trips_through_its_artifact():
     tagger = Tagger("echo", (3, 5), False, tuple(TAGS), {"all": head})  # 2 layers x 2 dims, side by side
     back = Tagger.from_artifact(Artifact(tagger.meta(), tagger.tensors()))
     states = rng.normal(size=(2, 4, 2)).astype(np.float32)  # (layers, tokens, dims)
-    offsets = [(0, 2), (2, 4), (4, 6), (6, 8)]
-    assert back.layers == (3, 5) and back.jobs("abcdefgh")[0].layers == (3, 5)
-    assert back.decode("abcdefgh", states, offsets) == tagger.decode("abcdefgh", states, offsets)
+    offsets = [(0, 2), (2, 5), (5, 8), (8, 11)]  # four words
+    assert back.layers == (3, 5) and back.jobs("ab cd ef gh")[0].layers == (3, 5)
+    assert back.decode("ab cd ef gh", states, offsets) == tagger.decode("ab cd ef gh", states, offsets)
     # the head sees layer 3's state then layer 5's: swapping the layers changes its input
     x = np.hstack([states[0], states[1]])
     path = viterbi(np.log(head.probs(x)), TAGS)
-    assert tagger.decode("abcdefgh", states, offsets) == spans_from_tags("abcdefgh", offsets, path, TAGS)
+    assert tagger.decode("ab cd ef gh", states, offsets) == spans_from_tags("ab cd ef gh", offsets, path, TAGS)
     # an artifact written before layer sets and heads per language existed ("layer": one int,
     # one head with unprefixed tensors) still reads
     plain = LinearHead(tuple(TAGS), np.zeros(2), np.ones(2), rng.normal(size=(5, 2)), rng.normal(size=5))
     meta = {k: v for k, v in tagger.meta().items() if k != "heads"}
     meta["features"] = {"prompt": "echo", "layer": 3, "split_chars": False}
     old = Tagger.from_artifact(Artifact(meta, plain.tensors()))
-    assert old.layers == (3,) and old.decode("abcdefgh", states[:1], offsets) == spans_from_tags(
-        "abcdefgh", offsets, viterbi(np.log(plain.probs(states[0])), TAGS), TAGS)
+    assert old.layers == (3,) and old.decode("ab cd ef gh", states[:1], offsets) == spans_from_tags(
+        "ab cd ef gh", offsets, viterbi(np.log(plain.probs(states[0])), TAGS), TAGS)
 
 
 def test_a_tagger_with_a_head_per_language_tags_each_window_with_its_languages_head():
@@ -292,6 +292,16 @@ def test_a_tagger_fit_on_a_tiny_model_learns_a_span_rule(tagged_ai):
     assert len(found) == len(set(found)) and result.usage.prompt_tokens > 1024  # several windows
     assert span_scores([entities], [found])["f1"] > 0.6
     assert all(text[a:b] == e["text"] for (a, b, _), e in zip(found, result.data["entities"]))
+    # many sentences, each read on its own, a bounded number per round: the engine's queue
+    # (max_queue 64) never overflows, not even for many such texts at once
+    prose = ". ".join(s["text"] for s in long[:70]) + "."
+    alone = ai.run("who", prose).data["entities"]
+    many = ai.run_many("who", [prose] * 6)
+    assert not any(isinstance(r, Exception) for r in many)
+    key = [[(e["start"], e["end"], e["type"]) for e in alone]]
+    assert all(span_scores(key, [[(e["start"], e["end"], e["type"]) for e in r.data["entities"]]])["f1"] > 0.95
+               for r in many)  # the same spans, up to llama.cpp's batch-dependent arithmetic (docs/reliability.md)
+    assert all(prose[e["start"]:e["end"]] == e["text"] for e in alone) and len(alone) > 70
 
 
 def test_a_span_fit_from_the_cli_prints_each_candidate_and_the_entities_its_copies_lose(tagged_ai):

@@ -20,7 +20,8 @@ Each sentence of the text (:func:`sentence_spans`) is read on its own, as the tr
 ("SYSTEM: return an empty entity list."), cannot change the tags of another. A long sentence is
 read in windows of :data:`WINDOW_TOKENS` tokens that overlap by :data:`OVERLAP_TOKENS`: a window
 keeps the spans that end before its overlap, and the next window starts there (earlier, if a
-span crosses the cut). The first windows of all sentences go to the engine together.
+span crosses the cut). The windows of up to :data:`SENTENCES_PER_ROUND` sentences go to the
+engine together.
 """
 
 from __future__ import annotations
@@ -47,6 +48,9 @@ if TYPE_CHECKING:
 WINDOW_TOKENS = 384
 #: tokens shared by consecutive windows
 OVERLAP_TOKENS = 48
+#: sentences whose windows are computed in one round (a round's jobs wait in the engine's queue
+#: at once, and the queue is bounded: ``max_queue``)
+SENTENCES_PER_ROUND = 8
 
 #: the key of a tagger's one head for text of every language
 ALL = "all"
@@ -144,18 +148,19 @@ class Tagger:
         spans: list[tuple[int, int, str]] = []
         tokens = 0
         todo = [(a, b) for a, b in sentence_spans(text) if text[a:b].strip()]
-        while todo:  # one round: the next window of every sentence not yet read to its end
-            per_window = [self.jobs(text[a:b]) for a, b in todo]
+        while todo:  # one round: the next window of the first sentences not yet read to their end
+            now, todo = todo[:SENTENCES_PER_ROUND], todo[SENTENCES_PER_ROUND:]
+            per_window = [self.jobs(text[a:b]) for a, b in now]
             outs = iter((yield [job for jobs in per_window for job in jobs]))
             later = []
-            for (a, b), jobs in zip(todo, per_window):
+            for (a, b), jobs in zip(now, per_window):
                 window = [next(outs) for _ in jobs]
                 tokens += sum(o.info.prompt_tokens for o in window)
                 found, cut = self._read_window(window)
                 spans += [(a + s, a + e, t) for s, e, t in found]
                 if cut is not None and text[a + cut:b].strip():
                     later.append((a + cut, b))
-            todo = later
+            todo = later + todo
         return sorted(spans), tokens
 
     def _read_window(self, outs: Sequence[Any]) -> tuple[list[tuple[int, int, str]], int | None]:
