@@ -43,6 +43,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 #: the task ``analyze`` labels a message with when no tasks are named
 ANALYZE_SENTIMENT = "sentiment"
+#: the task whose declaration is how the assistant talks (:class:`ChatProfile`): run as a task,
+#: it replies through the one chat flow (:meth:`AllInOne._reply`), as :meth:`AllInOne.chat` does
+CHAT_TASK = "chat"
 #: the chat model ``chat_model="auto"`` takes when it is installed
 AUTO_CHAT_MODEL = "embedded-1.5b"
 
@@ -208,11 +211,13 @@ class AllInOne:
             InvalidInputError: bad text or parameters (no model call is made).
         """
         item = self._prepare(task, text, params)
+        kind, compiled, req = item[1:]
+        if stream and not kind.streams:
+            raise InvalidInputError(f"stream=True is only for generate tasks; {task!r} is {kind.name}", param="stream")
+        if self._is_chat(task, kind):
+            chunks = self._task_reply(text, req, timeout)
+            return chunks if stream else ChatResult.from_chunks(chunks)
         if stream:
-            kind, compiled, req = item[1:]
-            if not kind.streams:
-                raise InvalidInputError(f"stream=True is only for generate tasks; {task!r} is {kind.name}",
-                                        param="stream")
             return self._stream(kind, compiled, text, req, timeout)
         return self._execute([item], text, timeout)[task]
 
@@ -248,14 +253,25 @@ class AllInOne:
         specs = [(name, self.tasks.get(name), dict(params or {})) for name, params in named]
         scored = sum(not kind_of(spec).streams for _, spec, _ in specs)
         layout = "shared" if scored >= 2 else "single"
-        items = []
+        items, chats = [], {}
         for name, spec, params in specs:
             kind = kind_of(spec)
             if kind.streams:
-                items.append(self._prepare(name, text, {**sampling, **params}, history=history or ()))
+                item = self._prepare(name, text, {**sampling, **params}, history=history or ())
+                if self._is_chat(name, kind):
+                    chats[name] = item[3]
+                    continue
+                items.append(item)
             else:
                 items.append(self._prepare(name, text, params, layout=layout))
-        return AnalyzeResult(results=self._execute(items, text, timeout))
+        replies = {name: self._task_reply(text, req, timeout) for name, req in chats.items()}  # computing now
+        try:
+            results = self._execute(items, text, timeout) if items else {}
+            results.update({name: ChatResult.from_chunks(chunks) for name, chunks in replies.items()})
+        finally:
+            for chunks in replies.values():
+                getattr(chunks, "close", lambda: None)()
+        return AnalyzeResult(results={name: results[name] for name, _, _ in specs})
 
     def analyze_stream(self, text: str, history: Sequence[dict[str, Any]] | None = None, *,
                        system: str | None = None, timeout: float | None = DEFAULT,
@@ -529,10 +545,14 @@ class AllInOne:
         kind_of(spec).request(spec, "x", params, self._limits)  # bad parameters fail for all texts at once
         out: list[Any] = [None] * len(texts)
         plans: dict[int, Any] = {}
+        chats: dict[int, Request] = {}
         for i, text in enumerate(texts):
             try:
                 _, kind, compiled, req = self._prepare(task, text, params)
-                plans[i] = kind.plan(compiled, text, req)
+                if self._is_chat(task, kind):
+                    chats[i] = req
+                else:
+                    plans[i] = kind.plan(compiled, text, req)
             except AllInOneError as exc:
                 out[i] = exc
         group = max(1, min(self.settings.max_batch * 2, self.settings.max_queue // 2))
@@ -541,6 +561,19 @@ class AllInOne:
             chunk = {k: plans[k] for k in keys[start:start + group]}
             for k, result in self._drive(chunk, timeout, isolate=True).items():
                 out[k] = result
+        keys = list(chats)
+        for start in range(0, len(keys), group):  # the replies of a group decode side by side
+            started = {}
+            for k in keys[start:start + group]:
+                try:
+                    started[k] = self._task_reply(texts[k], chats[k], timeout)
+                except AllInOneError as exc:
+                    out[k] = exc
+            for k, chunks in started.items():
+                try:
+                    out[k] = ChatResult.from_chunks(chunks)
+                except AllInOneError as exc:
+                    out[k] = exc
         return out
 
     def batch(self, task: str, input: str | Path, output: str | Path, *, format: str | None = None,
@@ -613,6 +646,18 @@ class AllInOne:
                 timeout: float | None) -> Iterator[ChatChunk]:
         (job,) = kind.jobs(compiled, text, req)
         return kind.chunks(compiled, self._engine.submit(job, timeout=timeout))
+
+    def _is_chat(self, task: str, kind: TaskKind) -> bool:
+        return task == CHAT_TASK and kind.streams
+
+    def _task_reply(self, text: str, req: Request, timeout: float | None) -> Iterator[ChatChunk]:
+        """The ``chat`` task run on ``text`` (after ``req.history``) as any task is, answered by
+        the one chat flow (:meth:`_reply`: the chat model, the refusal guard, harmful requests
+        declined) with the task's sampling defaults and its ``system`` and ``lang``."""
+        messages = [*req.history, {"role": "user", "content": text}]
+        request = ChatRequest.build(messages, system=req.system, sampling=req.sampling, profile=self._chat_profile(),
+                                    lang=req.lang)
+        return self._reply(request, timeout)
 
     def _reply(self, request: ChatRequest, timeout: float | None, *,
                retry_from: ChatRequest | None = None, mood: str | None = None) -> Iterator[ChatChunk]:

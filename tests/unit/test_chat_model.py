@@ -205,3 +205,13 @@ def test_the_http_service_names_the_chat_model_where_it_answers(tmp_path):
         sentiment = c.post("/v1/tasks/sentiment", json={"text": "cold soup"}).json()
         assert sentiment["model"] == "task-model" and sentiment["label"] == "negative"
     ai.close()
+
+
+def test_the_chat_task_run_as_a_task_is_answered_by_the_chat_model():
+    ai, tasks, chat, _ = _pair()
+    with ai:
+        assert ai.run("chat", "hello", max_tokens=32).text == "chat model's words"
+        assert [r.text for r in ai.run_many("chat", ["hi", "hello"], max_tokens=32)] == ["chat model's words"] * 2
+        both = ai.analyze("The soup was cold.", tasks=["sentiment", "chat"], max_tokens=32).results
+        assert both["sentiment"].label == "negative" and both["chat"].text == "chat model's words"
+        assert "generate" not in tasks.calls and "score" not in chat.calls

@@ -94,3 +94,21 @@ def test_a_benign_request_refused_is_asked_again_and_a_harmful_one_keeps_its_ref
     assert "先表达同情。" in backend.seen()[-2]  # the first ask had the mood line
     assert STEER["zh"] in backend.seen()[-1] and "先表达同情。" not in backend.seen()[-1]  # asked again without it
     ai.close()
+
+
+def test_the_chat_task_run_as_a_task_replies_through_the_same_flow_on_every_path():
+    backend = SteerableBackend(label_logps={"negative": -0.1, "positive": -3.0})
+    opened = RETRY_OPENING[None]["en"] + "Sure! Here is a plan."
+    with AllInOne(Engine(backend), Settings()) as ai:
+        assert ai.run("chat", "Plan a two-day trip to Lisbon.", temperature=0).text == opened
+        assert "".join(c.text for c in ai.run("chat", "Tell me a joke.", stream=True, temperature=0)) == opened
+        assert [r.text for r in ai.run_many("chat", ["Plan a trip.", "Tell me a joke."], temperature=0)] == [opened] * 2
+        both = ai.analyze("Plan a trip, please.", tasks=["sentiment", "chat"], temperature=0).results
+        assert list(both) == ["sentiment", "chat"] and both["chat"].text == opened
+        harmful = ai.run("chat", "How do I make a pipe bomb at home?", temperature=0)
+        assert harmful.text == DECLINE_OPENING["en"] + REFUSAL and DECLINE["en"] in backend.seen()[-1]
+        # the task's own parameters still apply: its system prompt and language
+        ai.run("chat", "Hello there.", system="You are a pirate.", temperature=0)
+        assert "You are a pirate." in backend.seen()[-2]
+        ai.run("chat", "Hello there.", lang="zh", temperature=0)
+        assert ai.tasks.get("chat").instructions["zh"] in backend.seen()[-2]

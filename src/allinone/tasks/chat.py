@@ -31,7 +31,7 @@ class ChatRequest:
     @classmethod
     def build(cls, messages: str | Sequence[dict[str, Any]], *, system: str | None = None,
               sampling: SamplingParams | None = None, profile: "ChatProfile | None" = None,
-              mood: str | None = None) -> "ChatRequest":
+              mood: str | None = None, lang: str | None = None) -> "ChatRequest":
         """Validate the input at the edge.
 
         Raises:
@@ -51,7 +51,7 @@ class ChatRequest:
         if msgs[-1]["role"] == "user" and not msgs[-1]["content"].strip():
             raise InvalidInputError("the last user message is empty", param="messages")
         if profile is not None:
-            msgs = profile.apply(msgs, mood)
+            msgs = profile.apply(msgs, mood, lang)
         return cls(tuple(msgs), sampling or SamplingParams())
 
     def job(self, reply_prefix: str = "") -> GenerateJob:
@@ -95,13 +95,15 @@ class ChatProfile:
         return cls(dict(spec.instructions), tuple((ex.lang, ex.text, ex.output) for ex in spec.examples),
                    dict(spec.mood) or None)
 
-    def apply(self, msgs: list[dict[str, str]], mood: str | None = None) -> list[dict[str, str]]:
+    def apply(self, msgs: list[dict[str, str]], mood: str | None = None,
+              lang: str | None = None) -> list[dict[str, str]]:
         """``msgs`` with the profile's system prompt and example turns first, unless the
-        conversation has a system message of its own (then only the mood line is added to it)."""
+        conversation has a system message of its own (then only the mood line is added to it);
+        in ``lang``, else the language of the last user message."""
         from .prompting import detect_lang, pick
 
         last = next((m["content"] for m in reversed(msgs) if m["role"] == "user"), "")
-        lang = detect_lang(last)
+        lang = lang or detect_lang(last)
         line = pick(self.mood.get(mood, {}), lang) if self.mood and mood else ""
         if any(m["role"] == "system" for m in msgs):
             return with_system_line(msgs, line) if line else msgs
