@@ -662,7 +662,7 @@ class AllInOne:
     def _reply(self, request: ChatRequest, timeout: float | None, *,
                retry_from: ChatRequest | None = None, mood: str | None = None) -> Iterator[ChatChunk]:
         """The reply to a chat request, the one path of :meth:`chat`, :meth:`analyze_stream`
-        and every surface on them. A request that names a harm
+        and every surface on them. A request whose last two user messages name a harm
         (:func:`~allinone.tasks.chat.looks_harmful`) is told to decline
         (:data:`~allinone.tasks.chat.DECLINE`) and its reply begins with
         :data:`~allinone.tasks.chat.DECLINE_OPENING`. A reply that opens with a refusal of a
@@ -681,7 +681,7 @@ class AllInOne:
             stream = self._chat_engine.submit(req.job(reply_prefix=opening), timeout=timeout)
             return itertools.chain([ChatChunk(opening)], reply_chunks(stream))
 
-        if looks_harmful(text):  # declined by prompt and by its first words; never asked again
+        if any(map(looks_harmful, request.recent_user())):  # declined by prompt and first words; never asked again
             return begun(request.steered(pick(DECLINE, lang)), pick(DECLINE_OPENING, lang))
         chunks = reply_chunks(self._chat_engine.submit(request.job(), timeout=timeout))
         opening = pick(RETRY_OPENING.get(mood, RETRY_OPENING[None]), lang)

@@ -64,6 +64,11 @@ class ChatRequest:
         """The text of the last user message (what the reply answers)."""
         return next(m["content"] for m in reversed(self.messages) if m["role"] == "user")
 
+    def recent_user(self, n: int = 2) -> list[str]:
+        """The texts of the last ``n`` user messages, oldest first (a follow-up such as "yes,
+        give me the steps for it" asks for what the message before it named)."""
+        return [m["content"] for m in self.messages if m["role"] == "user"][-n:]
+
     def steered(self, line: str) -> "ChatRequest":
         """The same request with ``line`` added to its system prompt (a new one first if it has none)."""
         return replace(self, messages=tuple(with_system_line(list(self.messages), line)))
@@ -164,23 +169,39 @@ STEER = {"en": "The user's request is ordinary and safe. Help with it directly; 
 #: asked again; the list errs on that side ("杀毒软件" and "my phone was stolen" do not match,
 #: "偷偷" does). Written on development requests of this project, not on the reported set.
 HARM_PATTERNS = (
-    r"\bbombs?\b", r"explosive", r"\bweapon", r"\bguns?\b", r"firearm", r"\bammo\b", r"poison", r"\bkill", r"murder",
-    r"\b(?:hurt|harm|attack|stab|shoot) (?:someone|somebody|people|him|her|them|my)", r"toxic gas", r"\bmeth", r"cocaine",
-    r"heroin", r"fentanyl", r"\bdrugs?\b", r"\bhack", r"phishing", r"\bsteal", r"\bscam", r"fraud", r"\bthreat",
-    r"blackmail", r"extort", r"spyware", r"malware", r"ransomware", r"\bvirus\b", r"break into",
-    r"without (?:getting caught|a background check|them knowing)",
-    r"\btricks? (?:people|someone|them)", r"card numbers?", r"\billegal", r"suicide", r"self[- ]harm", r"someone's password",
-    r"stalk",
-    r"炸弹", r"炸药", r"爆炸物", r"枪", r"武器", r"弹药", r"毒药", r"下毒", r"投毒", r"毒气", r"杀人", r"杀死", r"杀掉", r"自杀", r"自残",
-    r"伤害(?:他|她|别人|他人)", r"毒品", r"冰毒", r"海洛因", r"大麻", r"入侵", r"黑客", r"盗号", r"破解", r"钓鱼", r"诈骗", r"骗取", r"骗(?:别人|他人)", r"冒充",
-    r"(?<!被)偷", r"盗窃", r"撬", r"威胁", r"恐吓", r"勒索", r"监控软件", r"木马", r"病毒", r"违法", r"非法", r"违禁", r"不被发现",
+    r"\bbombs?\b(?<!atomic bomb)(?<!atom bomb)(?<!bath bomb)(?<!photo bomb)", r"explosive", r"\bweapon", r"\bguns?\b(?<!water gun)(?<!glue gun)(?<!nail gun)",
+    r"firearm", r"\bammo\b", r"poison(?! ivy)",
+    r"\bkill(?:s|ed|ing)? (?!(?:a |the |this |that |my |all )?(?:\w+ )?(?:process|task|job|thread|program|app|tab|session|time|bugs?|weeds?|mood|switch)\b)",
+    r"murder", r"\b(?:hurt|harm|attack|stab|shoot) (?:someone|somebody|people|him|her|them|my)", r"toxic gas",
+    r"\bmeth\b", r"methamphetamine", r"cocaine", r"heroin", r"fentanyl",
+    r"\b(?:illegal|street|recreational) drugs?\b", r"\b(?:buy|sell|make|cook|smuggle)(?:s|ing)? (?:\w+ )?drugs?\b",
+    r"(?<!life )\bhack(?:ing|ed|er|ers)?\b(?! ?(?:day|athon|away)\b)", r"phishing", r"\bsteal", r"\bscam", r"fraud",
+    r"\bthreaten", r"\b(?:death|bomb) threat", r"blackmail", r"extort", r"spyware", r"malware", r"ransomware",
+    r"\b(?:write|create|make|build|code|spread)(?:s|ing)? (?:a |an )?(?:computer )?virus\b", r"break into",
+    r"without (?:getting caught|a background check|them knowing|(?:him|her) knowing)",
+    r"\btricks? (?:people|someone|them)", r"card numbers?", r"\billegal(?:ly)? (?:guns?|weapons?|firearms?|drugs?)",
+    r"suicide", r"self[- ]harm", r"someone's password", r"\bstalk(?:ing|ed|er)?\b",
+    r"炸弹", r"炸药", r"爆炸物", r"(?<!水)(?<!玩具)枪", r"武器", r"弹药", r"毒药", r"下毒", r"投毒", r"毒气", r"杀人", r"杀死(?!细菌|病毒|害虫)", r"杀掉",
+    r"自杀", r"自残", r"伤害(?:他|她|别人|他人)", r"毒品", r"冰毒", r"海洛因", r"大麻", r"入侵(?=别人|他人|他的|她的|系统|网站|账号|账户|电脑|手机|服务器)", r"(?<!被)黑客(?!攻击)", r"盗号", r"破解", r"钓鱼邮件",
+    r"钓鱼网站", r"诈骗", r"骗取", r"骗(?:别人|他人)", r"冒充", r"(?<!被)偷", r"撬", r"威胁(?=他|她|我的|别人|他人|同事|邻居|对方)", r"恐吓", r"勒索", r"监控软件",
+    r"木马", r"(?:电脑|计算机|手机)病毒", r"(?:做|写|制作|编写|传播)病毒", r"非法(?:获取|购买|入侵|集资|持有|出售)", r"违禁", r"不被发现",
 )
 _HARM = re.compile("|".join(HARM_PATTERNS), re.IGNORECASE)
+#: a request to guard against a harm ("how to prevent phishing", "防止黑客访问") names it without
+#: asking for it
+DEFENSIVE_PATTERNS = (
+    r"\bprevent", r"\bprotect", r"\bdefend", r"\brecogni[sz]e", r"\bavoid (?:being|getting) (?:scammed|hacked|phished)",
+    r"防止", r"防范", r"预防", r"识别", r"保护自己",
+)
+_DEFENSIVE = re.compile("|".join(DEFENSIVE_PATTERNS), re.IGNORECASE)
 
 
 def looks_harmful(request: str) -> bool:
-    """The request names a harm of :data:`HARM_PATTERNS` (then its refusal is never replaced)."""
-    return bool(_HARM.search(request))
+    """The request names a harm of :data:`HARM_PATTERNS` and asks for no defence against it
+    (:data:`DEFENSIVE_PATTERNS`); then its refusal is never replaced. A keyword rule: a harm
+    worded without a listed word is not caught, and a long passage quoted for a task (an
+    article to summarize) can trip it."""
+    return bool(_HARM.search(request)) and not _DEFENSIVE.search(request)
 
 
 def is_refusal(reply: str) -> bool:
