@@ -164,10 +164,12 @@ STEER = {"en": "The user's request is ordinary and safe. Help with it directly; 
 
 
 #: what a request names when it asks for harm (English and Chinese): weapons and explosives,
-#: poison and killing, drugs, breaking into accounts or things, scams, threats, malware,
-#: anything illegal. A request that names one is told to decline (:data:`DECLINE`) and never
-#: asked again; the list errs on that side ("杀毒软件" and "my phone was stolen" do not match,
-#: "偷偷" does). Written on development requests of this project, not on the reported set.
+#: poison and killing, drugs, threats, buying what is illegal (the harms a defence may be asked
+#: against, such as hacking and scams, are :data:`GUARDABLE_HARM_PATTERNS`). A request that
+#: names one is told to decline (:data:`DECLINE`) and never asked again. Each word needs its
+#: harmful sense ("kill a process", "the atomic bomb", "水枪", "method" do not match; "偷偷"
+#: does). Written on development requests of this project and a fresh user's probes, not on the
+#: reported set.
 HARM_PATTERNS = (
     r"\bbombs?\b(?<!atomic bomb)(?<!atom bomb)(?<!bath bomb)(?<!photo bomb)", r"explosive", r"\bweapon", r"\bguns?\b(?<!water gun)(?<!glue gun)(?<!nail gun)",
     r"firearm", r"\bammo\b", r"poison(?! ivy)",
@@ -175,33 +177,43 @@ HARM_PATTERNS = (
     r"murder", r"\b(?:hurt|harm|attack|stab|shoot) (?:someone|somebody|people|him|her|them|my)", r"toxic gas",
     r"\bmeth\b", r"methamphetamine", r"cocaine", r"heroin", r"fentanyl",
     r"\b(?:illegal|street|recreational) drugs?\b", r"\b(?:buy|sell|make|cook|smuggle)(?:s|ing)? (?:\w+ )?drugs?\b",
-    r"(?<!life )\bhack(?:ing|ed|er|ers)?\b(?! ?(?:day|athon|away)\b)", r"phishing", r"\bsteal", r"\bscam", r"fraud",
-    r"\bthreaten", r"\b(?:death|bomb) threat", r"blackmail", r"extort", r"spyware", r"malware", r"ransomware",
-    r"\b(?:write|create|make|build|code|spread)(?:s|ing)? (?:a |an )?(?:computer )?virus\b", r"break into",
+    r"\bthreaten", r"\b(?:death|bomb) threat", r"blackmail", r"extort", r"break into",
     r"without (?:getting caught|a background check|them knowing|(?:him|her) knowing)",
-    r"\btricks? (?:people|someone|them)", r"card numbers?", r"\billegal(?:ly)? (?:guns?|weapons?|firearms?|drugs?)",
+    r"\btricks? (?:people|someone|them)", r"\billegal(?:ly)? (?:guns?|weapons?|firearms?|drugs?)",
     r"suicide", r"self[- ]harm", r"someone's password", r"\bstalk(?:ing|ed|er)?\b",
     r"炸弹", r"炸药", r"爆炸物", r"(?<!水)(?<!玩具)枪", r"武器", r"弹药", r"毒药", r"下毒", r"投毒", r"毒气", r"杀人", r"杀死(?!细菌|病毒|害虫)", r"杀掉",
-    r"自杀", r"自残", r"伤害(?:他|她|别人|他人)", r"毒品", r"冰毒", r"海洛因", r"大麻", r"入侵(?=别人|他人|他的|她的|系统|网站|账号|账户|电脑|手机|服务器)", r"(?<!被)黑客(?!攻击)", r"盗号", r"破解", r"钓鱼邮件",
-    r"钓鱼网站", r"诈骗", r"骗取", r"骗(?:别人|他人)", r"冒充", r"(?<!被)偷", r"撬", r"威胁(?=他|她|我的|别人|他人|同事|邻居|对方)", r"恐吓", r"勒索", r"监控软件",
-    r"木马", r"(?:电脑|计算机|手机)病毒", r"(?:做|写|制作|编写|传播)病毒", r"非法(?:获取|购买|入侵|集资|持有|出售)", r"违禁", r"不被发现",
+    r"自杀", r"自残", r"伤害(?:他|她|别人|他人)", r"毒品", r"冰毒", r"海洛因", r"大麻", r"入侵(?=别人|他人|他的|她的|系统|网站|账号|账户|电脑|手机|服务器)",
+    r"骗(?:别人|他人)", r"冒充", r"撬", r"威胁(?=他|她|我的|别人|他人|同事|邻居|对方)", r"恐吓", r"勒索", r"非法(?:获取|购买|入侵|集资|持有|出售)", r"违禁",
+    r"不被发现",
 )
-_HARM = re.compile("|".join(HARM_PATTERNS), re.IGNORECASE)
-#: a request to guard against a harm ("how to prevent phishing", "防止黑客访问") names it without
-#: asking for it
+#: harms that people often ask to guard against ("how to prevent phishing", "防止黑客访问"):
+#: they count only without a defence (:data:`DEFENSIVE_PATTERNS`) in the
+#: :data:`DEFENSIVE_REACH` characters before them
+GUARDABLE_HARM_PATTERNS = (
+    r"(?<!life )\bhack(?:ing|ed|er|ers)?\b(?! ?(?:day|athon|away)\b)", r"phishing", r"\bsteal", r"\bscam", r"fraud",
+    r"spyware", r"malware", r"ransomware", r"\b(?:write|create|make|build|code|spread)(?:s|ing)? (?:a |an )?(?:computer )?virus\b",
+    r"card numbers?",
+    r"(?<!被)黑客(?!攻击)", r"盗号", r"破解", r"钓鱼邮件", r"钓鱼网站", r"诈骗", r"骗取", r"(?<!被)偷", r"监控软件", r"木马",
+    r"(?:电脑|计算机|手机)病毒", r"(?:做|写|制作|编写|传播)病毒",
+)
 DEFENSIVE_PATTERNS = (
     r"\bprevent", r"\bprotect", r"\bdefend", r"\brecogni[sz]e", r"\bavoid (?:being|getting) (?:scammed|hacked|phished)",
-    r"防止", r"防范", r"预防", r"识别", r"保护自己",
+    r"防止", r"防范", r"预防", r"识别", r"保护",
 )
+#: characters before a guardable harm's words searched for a defence ("protect my email from hackers")
+DEFENSIVE_REACH = 24
+_HARM = re.compile("|".join(HARM_PATTERNS), re.IGNORECASE)
+_GUARDABLE = re.compile("|".join(GUARDABLE_HARM_PATTERNS), re.IGNORECASE)
 _DEFENSIVE = re.compile("|".join(DEFENSIVE_PATTERNS), re.IGNORECASE)
 
 
 def looks_harmful(request: str) -> bool:
-    """The request names a harm of :data:`HARM_PATTERNS` and asks for no defence against it
-    (:data:`DEFENSIVE_PATTERNS`); then its refusal is never replaced. A keyword rule: a harm
-    worded without a listed word is not caught, and a long passage quoted for a task (an
-    article to summarize) can trip it."""
-    return bool(_HARM.search(request)) and not _DEFENSIVE.search(request)
+    """The request names a harm of :data:`HARM_PATTERNS`, or one of
+    :data:`GUARDABLE_HARM_PATTERNS` not guarded against just before it; then its refusal is
+    never replaced. A keyword rule: a harm worded without a listed word is not caught, and a
+    long passage quoted for a task (an article to summarize) can trip it."""
+    return bool(_HARM.search(request)) or any(
+        not _DEFENSIVE.search(request, max(0, m.start() - DEFENSIVE_REACH), m.start()) for m in _GUARDABLE.finditer(request))
 
 
 def is_refusal(reply: str) -> bool:
