@@ -108,6 +108,17 @@ def test_sentence_spans_cover_the_text_and_cut_at_sentence_ends_only():
         assert [text[a:b] for a, b in spans] == sentences
         assert spans[0][0] == 0 and spans[-1][1] == len(text) and all(b == a2 for (_, b), (a2, _) in zip(spans, spans[1:]))
     assert sentence_spans("") == []
+    # pysbd drops a space after "...."; the sentences are still found in the text itself
+    text = "Dollar / yen .... English division one - West Bromwich v Swindon ."
+    assert [text[a:b] for a, b in sentence_spans(text)] == ["Dollar / yen .", "... ", text[18:]]
+    # long text is given to pysbd in pieces (its time grows with the square of the sentences)
+    many = "a. " * 3000
+    spans = sentence_spans(many)
+    assert len(spans) == 3000 and spans[-1][1] == len(many) and all(many[a:b] == "a. " for a, b in spans)
+    words = " ".join(["word"] * 1500)  # one sentence longer than a piece: cut at a white space
+    spans = sentence_spans(words)
+    assert spans[0][0] == 0 and spans[-1][1] == len(words) and all(words[a:b].strip() for a, b in spans)
+    assert all(words[b - 1] == " " for _, b in spans[:-1])
 
 
 def test_a_tagger_reads_each_sentence_on_its_own_so_another_sentence_cannot_silence_it():
