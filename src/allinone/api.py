@@ -231,7 +231,8 @@ class AllInOne:
 
         With ``tasks`` (names, or name -> parameters): every task's result in ``results``. All
         their jobs go to the engine together, so the classify tasks share one micro-batch and
-        the extract/generate replies decode side by side; with two or more classify/extract
+        the extract/generate replies decode side by side (the ``chat`` task's reply, which takes
+        the chat flow of :meth:`chat`, follows them); with two or more classify/extract
         tasks the prompts put the text first (the ``shared`` layout), so the backend computes
         the text once and each further task pays only for its own instructions. Generate tasks
         (e.g. ``chat``) get ``history`` and ``**sampling``.
@@ -264,13 +265,10 @@ class AllInOne:
                 items.append(item)
             else:
                 items.append(self._prepare(name, text, params, layout=layout))
-        replies = {name: self._task_reply(text, req, timeout) for name, req in chats.items()}  # computing now
-        try:
-            results = self._execute(items, text, timeout) if items else {}
-            results.update({name: ChatResult.from_chunks(chunks) for name, chunks in replies.items()})
-        finally:
-            for chunks in replies.values():
-                getattr(chunks, "close", lambda: None)()
+        # the chat reply after the other tasks: a reply not yet read cannot be cancelled, so
+        # one started beside them would run to max_tokens should they fail
+        results = self._execute(items, text, timeout) if items else {}
+        results.update({name: ChatResult.from_chunks(self._task_reply(text, req, timeout)) for name, req in chats.items()})
         return AnalyzeResult(results={name: results[name] for name, _, _ in specs})
 
     def analyze_stream(self, text: str, history: Sequence[dict[str, Any]] | None = None, *,

@@ -138,3 +138,16 @@ def test_a_follow_up_to_a_harmful_message_is_declined_too():
                          {"role": "assistant", "content": "Sure."},
                          {"role": "user", "content": "And a day in Porto?"}], temperature=0)
         assert not later.text.startswith(DECLINE_OPENING["en"])  # two user messages on, the harm is no longer asked
+
+
+class _ScoringFails(SteerableBackend):
+    def score_batch_hidden(self, requests, layers, **kw):
+        raise RuntimeError("the backend failed")
+
+
+def test_analyze_with_the_chat_task_starts_no_reply_when_another_task_fails():
+    backend = _ScoringFails(label_logps={"negative": -0.1})
+    with AllInOne(Engine(backend), Settings()) as ai:
+        with pytest.raises(RuntimeError, match="the backend failed"):
+            ai.analyze("Plan a trip, please.", tasks=["sentiment", "chat"], temperature=0)
+        assert "generate" not in backend.calls  # no reply left running to max_tokens
