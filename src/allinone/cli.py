@@ -89,12 +89,12 @@ def _handle_errors(fn):
             return fn(*args, **kwargs)
         except AllInOneError as exc:
             # escaped: a message may hold brackets ("pip install 'allinone[ray]'"), not markup
-            err.print(f"[red]error:[/red] {escape(exc.message)}", highlight=False)
+            err.print(f"[red]error:[/red] {escape(exc.message)}", highlight=False, soft_wrap=True)
             raise typer.Exit(2 if exc.status_code < 500 else 1) from None
         except ValidationError as exc:
             first = exc.errors()[0]
             where = ".".join(str(p) for p in first["loc"])
-            err.print(f"[red]error:[/red] invalid option {where}: {first['msg']}", highlight=False)
+            err.print(f"[red]error:[/red] invalid option {where}: {first['msg']}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
 
     return wrapper
@@ -121,8 +121,10 @@ def _names(value: Optional[str]) -> Optional[list[str]]:
     return [v.strip() for v in value.split(",") if v.strip()] if value else None
 
 
-def _params(pairs: Optional[list[str]]) -> dict[str, Any]:
-    """KEY=VALUE pairs; VALUE is read as JSON when it parses (numbers, true, lists), else as text."""
+def _params(pairs: Optional[list[str]], **flags: Any) -> dict[str, Any]:
+    """KEY=VALUE pairs (``-p``); VALUE is read as JSON when it parses (numbers, true, lists), else
+    as text. ``flags``: the task options given by name (``--max-tokens`` ...); one that is set wins
+    over the same key given with ``-p``, one left unset leaves it alone."""
     out: dict[str, Any] = {}
     for pair in pairs or []:
         key, sep, value = pair.partition("=")
@@ -132,7 +134,7 @@ def _params(pairs: Optional[list[str]]) -> dict[str, Any]:
             out[key.strip()] = json.loads(value)
         except ValueError:
             out[key.strip()] = value
-    return out
+    return {**out, **{k: v for k, v in flags.items() if v is not None}}
 
 
 def _dump(obj: Any) -> None:
@@ -284,9 +286,8 @@ def run(
 ) -> None:
     """Run any task (built-in or declared in a task file) on TEXT: one result per text."""
     _registry(options).get(task)  # an unknown task fails before the model loads
-    params = {**_params(param), "labels": _names(labels), "types": _names(types), "lang": lang,
-              "calibrate": calibrate, "max_tokens": max_tokens, "temperature": temperature}
-    params = {k: v for k, v in params.items() if v is not None}
+    params = _params(param, labels=_names(labels), types=_names(types), lang=lang, calibrate=calibrate,
+                     max_tokens=max_tokens, temperature=temperature)
     texts = _read_texts(text, file)
     ai = _load(options)
     for t in texts:
@@ -316,7 +317,7 @@ def batch(
     param: Annotated[Optional[list[str]], typer.Option("--param", "-p", help="any other task parameter, KEY=VALUE (repeatable)")] = None,
     restart: Annotated[bool, typer.Option("--restart", help="drop an earlier output of OUTPUT (of another job too) and start over")] = False,
     chunk_rows: Annotated[int, typer.Option(help="rows per committed chunk (the most work a kill can lose)")] = 256,
-    ray: Annotated[bool, typer.Option("--ray", help="run on a Ray cluster (extra: allinone[ray]): RAY_ADDRESS, else the one started here, else a new local one")] = False,
+    ray: Annotated[bool, typer.Option("--ray", help="run on a Ray cluster (extra: allinone\\[ray]): RAY_ADDRESS, else the one started here, else a new local one")] = False,
     ray_address: Annotated[Optional[str], typer.Option(help="run on the Ray cluster at this address (auto, HOST:PORT); implies --ray")] = None,
     actors: Annotated[Optional[int], typer.Option(help="Ray: actors, each with its own model (default: the cluster's CPUs / --cpus-per-actor)")] = None,
     cpus_per_actor: Annotated[float, typer.Option(help="Ray: CPUs (and threads) per actor")] = 1.0,
@@ -330,9 +331,8 @@ def batch(
 
     _registry(options).get(task)  # an unknown task or a bad input fails before the model loads
     Output(output).check_input(Source.open(input, format, text_field=text_field, id_field=id_field).path)
-    params = {**_params(param), "labels": _names(labels), "types": _names(types), "lang": lang,
-              "calibrate": calibrate, "max_tokens": max_tokens, "temperature": temperature}
-    params = {k: v for k, v in params.items() if v is not None}
+    params = _params(param, labels=_names(labels), types=_names(types), lang=lang, calibrate=calibrate,
+                     max_tokens=max_tokens, temperature=temperature)
     bar = None
 
     def progress(done: int, total: Optional[int]) -> None:
@@ -504,8 +504,7 @@ def eval_task(
     if not rows:
         raise InvalidInputError(f"{data} has no rows")
     metric_kind(spec, rows[0])  # fail on a task/data mismatch before the model loads
-    params = {**_params(param), "lang": lang, "calibrate": calibrate}
-    params = {k: v for k, v in params.items() if v is not None}
+    params = _params(param, lang=lang, calibrate=calibrate)
     ai = _load(options, request_timeout=None)  # an evaluation waits for every item, however busy the machine
     report = evaluate(ai, task, data, limit=limit, labels=read_labels(labels), types=_names(types),
                       params=params, inject=inject, inject_set=inject_set or None, all_rows=rows)

@@ -84,3 +84,20 @@ def test_missing_model_is_a_clear_error(tmp_path):
 def test_eval_missing_file(tmp_path):
     out = runner.invoke(app, ["eval", "sentiment", "--data", str(tmp_path / "none.jsonl")])
     assert out.exit_code == 2 and "no such data file" in out.output
+
+
+def test_task_parameters_given_with_p_reach_the_task_and_named_options_win(tiny_gguf_path):
+    pytest.importorskip("llama_cpp")
+    args = ["--model", str(tiny_gguf_path), "--backend", "llamacpp", "--json"]
+    out = runner.invoke(app, ["run", "sentiment", "so so", "-p", 'labels=["good", "bad"]', *args])
+    assert out.exit_code == 0, out.output
+    assert set(json.loads(out.stdout.strip().splitlines()[-1])["scores"]) == {"good", "bad"}
+    out = runner.invoke(app, ["run", "sentiment", "so so", "-p", 'labels=["good", "bad"]', "--labels", "up,down", *args])
+    assert set(json.loads(out.stdout.strip().splitlines()[-1])["scores"]) == {"up", "down"}
+
+
+def test_an_error_is_one_line_however_long(tmp_path):
+    missing = tmp_path / ("a-rather-long-folder-name-" * 6) / "none.jsonl"
+    out = runner.invoke(app, ["eval", "sentiment", "--data", str(missing)])
+    lines = [line for line in out.output.splitlines() if line.strip()]
+    assert out.exit_code == 2 and len(lines) == 1 and str(missing) in lines[0]
