@@ -55,6 +55,14 @@ def test_sentiment_route_gives_label_and_probabilities(client):
     assert body["scores"]["positive"] > 0.9 and body["truncated"] is False
 
 
+def test_sentiment_route_takes_the_tasks_parameters_as_the_python_api_does(client):
+    body = client.post("/v1/tasks/sentiment", json={"text": "What a lovely day", "labels": ["good", "bad"]}).json()
+    assert set(body["scores"]) == {"good", "bad"}
+    assert client.post("/v1/tasks/sentiment", json={"text": "What a lovely day", "lang": "en", "calibrate": False}).status_code == 200
+    assert_error(client.post("/v1/tasks/sentiment", json={"text": "hi", "calibrate": "yes"}), 400, param="calibrate")
+    assert_error(client.post("/v1/tasks/sentiment", json={"text": "hi", "temperature": 0.5}), 400)
+
+
 def test_analyze_gives_sentiment_and_reply(client):
     body = client.post("/v1/tasks/analyze", json={"text": "I got the job!", "max_tokens": 64}).json()
     assert body["object"] == "analysis" and body["session_id"] is None

@@ -41,6 +41,19 @@ class TextRequest(_Body):
     text: str = Field(..., description="the input text (not empty; at most max_input_chars characters)")
 
 
+class SentimentRequest(TextRequest):
+    """``/v1/tasks/sentiment``: the text and the sentiment task's own parameters, as
+    ``ai.run("sentiment", text, **params)`` and ``POST /v1/tasks/{name}`` take them."""
+
+    labels: list[str] | None = Field(None, description="another label set (served by prompting)")
+    lang: str | None = Field(None, description="prompt language: auto, en, zh ...")
+    calibrate: StrictBool | None = Field(None, description="contextual calibration of the label scores")
+
+    def params(self) -> dict[str, Any]:
+        """The parameters that were given, as keyword arguments for ``AllInOne.run``."""
+        return {k: v for k in ("labels", "lang", "calibrate") if (v := getattr(self, k)) is not None}
+
+
 class ChatTaskRequest(Sampling):
     """``/v1/tasks/chat`` and ``/v1/tasks/analyze``: one new user message, optionally in a stored
     conversation."""

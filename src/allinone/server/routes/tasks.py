@@ -15,7 +15,7 @@ from fastapi import APIRouter, Body, Request
 from ...errors import InvalidInputError
 from ...results import ChatResult, ClassifyResult
 from ..deps import admitted, blocking, server_state
-from ..schemas import ChatTaskRequest, TextRequest
+from ..schemas import ChatTaskRequest, SentimentRequest, TextRequest
 from ..state import ServerState
 from ..streaming import ChunkStream, collect
 
@@ -23,16 +23,17 @@ router = APIRouter(prefix="/v1", tags=["tasks"])
 
 
 @router.post("/tasks/sentiment")
-async def sentiment(body: TextRequest, request: Request) -> dict[str, Any]:
-    """Label ``text`` positive or negative.
+async def sentiment(body: SentimentRequest, request: Request) -> dict[str, Any]:
+    """Label ``text`` positive or negative (or with the given ``labels``).
 
     Returns ``{"object": "sentiment", "model", "label", "scores": {label: probability},
-    "truncated"}``; probabilities sum to 1. 400 for empty or over-long text.
+    "truncated"}``; probabilities sum to 1. 400 for empty or over-long text or bad parameters.
     """
     server = server_state(request)
     ai = server.require_ai()
+    params = body.params()
     async with admitted(server):
-        result: ClassifyResult = await blocking(ai.sentiment, body.text)
+        result: ClassifyResult = await blocking(lambda: ai.run("sentiment", body.text, **params))
     return {"object": "sentiment", "model": ai.model_id, **result.to_dict()}
 
 
