@@ -327,9 +327,10 @@ def batch(
     kill and it goes on where it stopped. Bad rows get an `error` and are counted; the job goes on."""
     from tqdm import tqdm
 
-    from .batch.io import Output, Source
+    from .batch.io import Output, Source, check_chunk_rows
 
     _registry(options).get(task)  # an unknown task or a bad input fails before the model loads
+    check_chunk_rows(chunk_rows)
     Output(output).check_input(Source.open(input, format, text_field=text_field, id_field=id_field).path)
     params = _params(param, labels=_names(labels), types=_names(types), lang=lang, calibrate=calibrate,
                      max_tokens=max_tokens, temperature=temperature)

@@ -101,3 +101,12 @@ def test_an_error_is_one_line_however_long(tmp_path):
     out = runner.invoke(app, ["eval", "sentiment", "--data", str(missing)])
     lines = [line for line in out.output.splitlines() if line.strip()]
     assert out.exit_code == 2 and len(lines) == 1 and str(missing) in lines[0]
+
+
+def test_batch_refuses_a_chunk_size_below_one_before_loading_or_writing(tmp_path):
+    data = tmp_path / "in.jsonl"
+    data.write_text('{"text": "fine"}\n')
+    out = runner.invoke(app, ["batch", "sentiment", "-i", str(data), "-o", str(tmp_path / "out.jsonl"),
+                              "--chunk-rows", "0", "--model", str(tmp_path / "no-such-model.gguf")])
+    assert out.exit_code == 2 and "chunk rows must be an integer >= 1" in out.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]

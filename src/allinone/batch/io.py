@@ -113,6 +113,12 @@ class InputStats:
     rows: int
 
 
+def check_chunk_rows(rows: int) -> None:
+    """Raises InvalidInputError unless ``rows`` (rows per committed chunk) is an int >= 1."""
+    if isinstance(rows, bool) or not isinstance(rows, int) or rows < 1:
+        raise InvalidInputError(f"chunk rows must be an integer >= 1, got {rows!r}", param="chunk_rows")
+
+
 @dataclass(frozen=True)
 class Source:
     """An input file and how to read it. Build it with :meth:`open`."""
@@ -189,8 +195,7 @@ class Source:
             InvalidInputError: the file cannot be read as its format (e.g. a CSV row with the
                 wrong number of fields), naming the file.
         """
-        if rows < 1:
-            raise InvalidInputError("chunk rows must be at least 1", param="chunk_rows")
+        check_chunk_rows(rows)
         if self.format == "jsonl":
             yield from self._jsonl_chunks(start, rows)
             return

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import AllInOneError, BatchConflictError
 from .columns import ERROR, Columns
-from .io import Chunk, InputStats, Output, Source, State
+from .io import Chunk, InputStats, Output, Source, State, check_chunk_rows
 
 if TYPE_CHECKING:
     from ..api import AllInOne
@@ -44,6 +44,9 @@ class Job:
     columns: Columns
     source: Source
     chunk_rows: int = DEFAULT_CHUNK_ROWS
+
+    def __post_init__(self) -> None:  # before anything is written
+        check_chunk_rows(self.chunk_rows)
 
 
 @dataclass(frozen=True)
