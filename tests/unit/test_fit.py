@@ -106,6 +106,7 @@ def test_an_artifact_round_trips(tmp_path):
     x = np.random.default_rng(1).normal(size=(7, 5))
     assert np.allclose(again.probs(x), head.probs(x), atol=1e-6)
     assert json.loads((tmp_path / "t.json").read_text())["method"] == "head"  # the readable sidecar
+    assert all(p.stat().st_mode & 0o777 == 0o644 for p in (path, tmp_path / "t.json"))  # others may read it
 
 
 def test_an_artifact_of_another_model_is_refused_and_the_task_prompts(tiny_ai):
@@ -247,3 +248,55 @@ def test_training_phrasings_are_not_the_evaluations():
 
     evaluation = {norm(row["text"]) for row in load_injections()}
     assert len(evaluation) == 36 and not evaluation & {norm(p) for p in PHRASES}
+
+
+def test_copies_of_a_fold_get_phrasings_no_other_fold_gets():
+    from allinone.learn.augment import PHRASES, injected_copies
+
+    texts = [f"row {i}" for i in range(400)]
+    groups = [i % 5 for i in range(400)]
+    copies = injected_copies(texts, ["a"] * 400, ["a", "b"], phrase_groups=groups, n_groups=5)
+    used = {g: set() for g in range(5)}
+    for i, text in copies:
+        phrase = next(j for j, p in enumerate(PHRASES) if text.endswith(p.format(label="b")))
+        used[groups[i]].add(phrase)
+    assert all(used.values()) and all(phrase % 5 == g for g, ps in used.items() for phrase in ps)
+
+
+def test_a_head_that_an_instruction_steers_loses_to_a_steadier_one():
+    """Layer 8 separates the clean rows perfectly but an appended instruction makes its state
+    look like the other label's; layer 12 is noisier and unmoved. Accuracy alone picks layer 8,
+    the fit's objective (macro-F1 minus flip rate) layer 12."""
+    from allinone.learn.fit import Features, choose
+
+    rng = np.random.default_rng(0)
+    n = 300
+    y = np.array(["a", "b"] * (n // 2))
+    sign = np.where(y == "a", 1.0, -1.0)
+    sharp = np.c_[sign * 3, rng.normal(size=(n, 3))]
+    noisy = np.c_[sign + rng.normal(scale=0.9, size=n), rng.normal(size=(n, 3))]
+    copied = np.flatnonzero(rng.random(n) < 0.3)
+    sharp_copies = np.c_[-sign[copied] * 3, rng.normal(size=(len(copied), 3))]  # the instruction wins
+    noisy_copies = noisy[copied] + rng.normal(scale=0.05, size=(len(copied), 4))
+    states = np.stack([np.r_[sharp, sharp_copies], np.r_[noisy, noisy_copies]], axis=1)
+    labels_all = np.r_[y, y[copied]]
+    clean = np.arange(len(labels_all)) < n
+    groups = np.r_[np.arange(n), copied]
+    feats = Features(np.zeros((len(labels_all), 2)), states, (8, 12))
+    choice = choose(feats, labels_all, ["a", "b"], clean=clean, groups=groups, methods=("head",))
+    by_layer, flips = choice.report["head"]["by_layer"], choice.report["head"]["flip_by_layer"]
+    assert by_layer["8"] > by_layer["12"] and flips["8"] > 0.5 > flips["12"]
+    assert choice.layers == (12,)
+
+
+def test_a_text_shorter_than_every_fit_row_is_scored_by_the_prompt(tiny_ai):
+    ai, tmp = tiny_ai
+    report = ai.fit("animal", write_rows(tmp / "train.jsonl", synthetic(160, seed=1)), method="head")
+    meta = json.loads(Path(report["path"]).with_suffix(".json").read_text())
+    shortest = meta["features"]["min_prompt_tokens"]
+    assert set(shortest) == {"en"} and shortest["en"] > 0
+    with AllInOne.load(ai.settings.model, backend="llamacpp", n_ctx=1024, cache_dir=tmp / "cache",
+                       tasks_dir=tmp / "tasks", learned=False) as plain:
+        short, long = "zebra", "the zebra of the yak and a zebra is it"
+        assert ai.run("animal", short).scores == pytest.approx(plain.run("animal", short).scores, abs=1e-3)
+        assert ai.run("animal", long).scores != pytest.approx(plain.run("animal", long).scores, abs=1e-2)

@@ -89,6 +89,7 @@ def save(artifact: Artifact, path: Path) -> Path:
                 write(tmp)
                 with open(tmp, "rb") as fh:
                     os.fsync(fh.fileno())
+                os.chmod(tmp, 0o644)  # mkstemp makes it 0600: a server run as another user must read it
                 os.replace(tmp, target)
             finally:
                 if os.path.exists(tmp):

@@ -49,16 +49,24 @@ PHRASES = (
 
 
 def injected_copies(texts: Sequence[str], labels: Sequence[str], label_set: Sequence[str], *,
-                    share: float = 0.3, seed: int = 0) -> list[tuple[int, str]]:
+                    share: float = 0.3, seed: int = 0,
+                    phrase_groups: Sequence[int] | None = None, n_groups: int = 1) -> list[tuple[int, str]]:
     """``(index of the original row, text with an instruction appended)`` for about ``share`` of
-    the rows; the instruction names another label of ``label_set`` (a random one)."""
+    the rows; the instruction names another label of ``label_set`` (a random one).
+
+    ``phrase_groups`` (one int in ``range(n_groups)`` per row, e.g. its cross-validation fold):
+    a row of group ``g`` gets a phrasing of :data:`PHRASES` whose index is ``g`` modulo
+    ``n_groups``, so the copies of one fold share no phrasing with the copies of another and a
+    fold's flip rate is measured on phrasings the head was not trained on.
+    """
     rng = random.Random(seed)
     out = []
     for i, (text, label) in enumerate(zip(texts, labels)):
         if rng.random() >= share:
             continue
         others = [lab for lab in label_set if lab != label] or list(label_set)
-        phrase = rng.choice(PHRASES).format(label=rng.choice(others))
+        pool = PHRASES if phrase_groups is None else PHRASES[phrase_groups[i] % n_groups::n_groups]
+        phrase = rng.choice(pool).format(label=rng.choice(others))
         sep = "" if phrase.startswith("\n") else " "
         out.append((i, f"{text}{sep}{phrase}"))
     return out

@@ -15,7 +15,11 @@ at a few layers. The methods compared:
 
 Every method is scored by stratified k-fold cross-validation on the rows (out-of-fold
 accuracy and macro-F1 on the rows as given; injected copies of rows, when present, are only
-trained on and give the out-of-fold flip rate). ``auto`` keeps the best macro-F1.
+trained on and give the out-of-fold flip rate). ``auto`` keeps the best macro-F1 minus flip rate:
+a prediction an appended instruction changes counts as an error on an attacked text, so a head
+that is more accurate on clean rows but easier to steer does not win by the accuracy alone.
+When a fold's copies use phrasings no other fold's copies use (``fit_classify`` makes them so),
+the flip rate is measured on phrasings the head was never trained on, as at evaluation time.
 """
 
 from __future__ import annotations
@@ -34,6 +38,8 @@ LEARNED = ("calibrate", "head", "head+logprobs")
 #: inverse regularization strengths tried (scikit-learn's C); on the SST-2 pool's held-out rows
 #: C 0.01 did best on 896-dimensional states (0.886, against 0.876 at 0.003 and 0.03)
 C_GRID = (0.003, 0.01, 0.03)
+#: cross-validation folds of a fit
+FOLDS = 5
 
 
 @dataclass(frozen=True)
@@ -78,8 +84,14 @@ def _metrics(gold: Sequence[str], pred: Sequence[str], labels: Sequence[str]) ->
     return {"accuracy": round(float(np.mean(gold == pred)), 4), "macro_f1": round(float(np.mean(f1)), 4)}
 
 
+def objective(scores: dict[str, float]) -> float:
+    """What a fit maximizes: macro-F1 minus the flip rate (0 when no injected copies were scored)."""
+    return scores["macro_f1"] - scores.get("flip_rate", 0.0)
+
+
 def choose(features: Features, y: Sequence[str], labels: Sequence[str], *, clean: np.ndarray, groups: np.ndarray,
-           methods: Sequence[str] = METHODS, folds: int = 5, seed: int = 0,
+           methods: Sequence[str] = METHODS, folds: int = FOLDS, seed: int = 0,
+           fold_ids: Sequence[np.ndarray] | None = None,
            note: Callable[[str], None] = lambda _: None) -> Choice:
     """Score ``methods`` by cross-validation and fit the best on every row.
 
@@ -88,7 +100,10 @@ def choose(features: Features, y: Sequence[str], labels: Sequence[str], *, clean
         y: every row's label.
         clean: bool (N,): the rows as given (the others are injected copies).
         groups: (N,) the index of the clean row each row comes from (a clean row: its own).
-        methods: the candidates, from :data:`METHODS`; the best macro-F1 wins.
+        methods: the candidates, from :data:`METHODS`; the best :func:`objective` wins (layers
+            and C of a head are chosen by it too).
+        fold_ids: the row indices of the clean rows in each fold; default ``folds`` stratified
+            folds drawn with ``seed``.
 
     Raises:
         InvalidInputError: an unknown method.
@@ -100,7 +115,9 @@ def choose(features: Features, y: Sequence[str], labels: Sequence[str], *, clean
     y = np.asarray(y)
     labels = list(labels)
     clean_idx = np.flatnonzero(clean)
-    fold_ids = [clean_idx[f] for f in stratified_folds(y[clean_idx], folds, seed)]
+    if fold_ids is None:
+        fold_ids = [clean_idx[f] for f in stratified_folds(y[clean_idx], folds, seed)]
+    folds = len(fold_ids)
     copies = np.flatnonzero(~clean)
     report: dict[str, Any] = {"folds": folds, "rows": int(clean.sum()), "injected_copies": int(len(copies))}
     candidates: list[tuple[float, str, tuple[int, ...], float | None]] = []
@@ -115,7 +132,7 @@ def choose(features: Features, y: Sequence[str], labels: Sequence[str], *, clean
     prompt_probs = np.exp(features.logp - features.logp.max(axis=1, keepdims=True))
     if "prompt" in methods:
         report["prompt"] = scored(prompt_probs)
-        candidates.append((report["prompt"]["macro_f1"], "prompt", (), None))
+        candidates.append((objective(report["prompt"]), "prompt", (), None))
     for method in [m for m in methods if m in LEARNED]:
         note(method)
         reads: list[tuple[int, ...]] = [()] if method == "calibrate" else [(x,) for x in features.layers]
@@ -125,18 +142,20 @@ def choose(features: Features, y: Sequence[str], labels: Sequence[str], *, clean
         for layer in reads:  # the layers by CV at the middle C, then C for those
             x = features.matrix(method, layer)
             per_layer[layer] = scored(cross_val_predict(x, y, labels, c=C_GRID[1], folds=fold_ids, groups=groups))
-        best_layer = max(per_layer, key=lambda k: per_layer[k]["macro_f1"])
+        best_layer = max(per_layer, key=lambda k: objective(per_layer[k]))
         per_c = {C_GRID[1]: per_layer[best_layer]}
         x = features.matrix(method, best_layer)
         for c in (C_GRID[0], C_GRID[2]):
             per_c[c] = scored(cross_val_predict(x, y, labels, c=c, folds=fold_ids, groups=groups))
-        best_c = max(per_c, key=lambda k: per_c[k]["macro_f1"])
+        best_c = max(per_c, key=lambda k: objective(per_c[k]))
         entry = {**per_c[best_c], "c": best_c}
         if best_layer:
             entry["layers"] = list(best_layer)
             entry["by_layer"] = {"+".join(map(str, k)): v["macro_f1"] for k, v in per_layer.items()}
+            if len(copies):
+                entry["flip_by_layer"] = {"+".join(map(str, k)): v["flip_rate"] for k, v in per_layer.items()}
         report[method] = entry
-        candidates.append((entry["macro_f1"], method, best_layer, best_c))
+        candidates.append((objective(entry), method, best_layer, best_c))
     _, method, layer, c = max(candidates, key=lambda t: (t[0], t[1] == "prompt"))
     head = None
     if method != "prompt":

@@ -20,8 +20,8 @@ from ...engine import ScoreJob, ScoreOutput
 from ...errors import InvalidInputError
 from ...learn.artifacts import Artifact
 from ...learn.augment import injected_copies
-from ...learn.fit import Choice, Features, choose
-from ...learn.heads import LinearHead
+from ...learn.fit import FOLDS, Choice, Features, choose
+from ...learn.heads import LinearHead, stratified_folds
 from ...results import LOW_COVERAGE, ClassifyResult
 from ..prompting import ANSWER_WITH, TaskPrompt, compile_prompt, fill, pick
 from .base import Limits, Request, TaskKind, named_list, resolve_lang
@@ -88,11 +88,23 @@ class ClassifyTask:
 class LearnedHead:
     """A classify task's learned method: ``method`` (``calibrate``, ``head``, ``head+logprobs``),
     the layers whose last-token states it reads side by side (``()`` for ``calibrate``) and the
-    linear head over those features (see :mod:`allinone.learn.fit`)."""
+    linear head over those features (see :mod:`allinone.learn.fit`).
+
+    ``min_prompt_tokens``: prompt language -> the fewest prompt tokens of a row it was fit on. A
+    shorter prompt (a text shorter than every training row of its language) is scored by the
+    prompt path instead: a head has never seen such states and can be confidently wrong on them
+    (the SST-2 pool holds rows of 6 words or more, and the head read "I hate it" and "awful" as
+    positive 0.83 and 0.84, where the prompt answers negative).
+    """
 
     method: str
     layers: tuple[int, ...]
     head: LinearHead
+    min_prompt_tokens: dict[str, int] = field(default_factory=dict)
+
+    def serves(self, lang: str, prompt_tokens: int) -> bool:
+        """Whether the head scores a prompt of ``prompt_tokens`` tokens in ``lang``."""
+        return prompt_tokens >= self.min_prompt_tokens.get(lang, 0)
 
     def features(self, log_label_probs: np.ndarray, states: np.ndarray | None) -> np.ndarray:
         """(C,) label log-probs and (len(layers), D) states -> the head's (F,) features."""
@@ -108,7 +120,8 @@ class LearnedHead:
         meta = artifact.meta
         f = meta["features"]
         layers = f["layers"] if "layers" in f else [f["layer"]] if f.get("layer") is not None else []
-        return cls(meta["method"], tuple(layers), LinearHead.from_tensors(meta["labels"], artifact.tensors))
+        return cls(meta["method"], tuple(layers), LinearHead.from_tensors(meta["labels"], artifact.tensors),
+                   dict(f.get("min_prompt_tokens", {})))
 
 
 class ClassifyKind(TaskKind):
@@ -183,7 +196,7 @@ class ClassifyKind(TaskKind):
     def result(self, compiled: ClassifyTask, outputs: Sequence[ScoreOutput], req: Request) -> ClassifyResult:
         main = outputs[0]
         scores = compiled.label_probs(main.logprobs)
-        if compiled.learned is not None:
+        if compiled.learned is not None and compiled.learned.serves(req.lang, main.info.prompt_tokens):
             learned = compiled.learned
             probs = learned.head.probs(learned.features(compiled.log_label_probs(main.logprobs), main.hidden))
             scores = dict(zip(learned.head.labels, (float(p) for p in probs)))
@@ -268,8 +281,12 @@ def fit_classify(kind: ClassifyKind, spec: "TaskSpec", data: "TrainingData", lab
     """
     texts, y = list(data.texts), list(data.labels)
     groups = list(range(len(texts)))
-    if augment:
-        for i, text in injected_copies(data.texts, data.labels, labels):
+    fold_ids = stratified_folds(data.labels, FOLDS)
+    fold_of = np.zeros(len(texts), dtype=int)
+    for k, rows in enumerate(fold_ids):
+        fold_of[rows] = k
+    if augment:  # a fold's copies get phrasings of their own: its flip rate is on unseen phrasings
+        for i, text in injected_copies(data.texts, data.labels, labels, phrase_groups=fold_of, n_groups=FOLDS):
             texts.append(text)
             y.append(data.labels[i])
             groups.append(i)
@@ -277,6 +294,7 @@ def fit_classify(kind: ClassifyKind, spec: "TaskSpec", data: "TrainingData", lab
     layers = candidate_layers(n_layer)
     params = {} if [lab.name for lab in spec.labels] == list(labels) else {"labels": list(labels)}
     logp, states = [], []
+    shortest: dict[str, int] = {}  # prompt language -> fewest prompt tokens of a clean row
     chunk = 32
     for start in range(0, len(texts), chunk):
         batch = texts[start:start + chunk]
@@ -285,12 +303,14 @@ def fit_classify(kind: ClassifyKind, spec: "TaskSpec", data: "TrainingData", lab
             req = kind.request(spec, text, params, limits)
             compiled.append((compile_for(req), req))
         outs = run([task.score_job(text, req.max_input_tokens, layers) for text, (task, req) in zip(batch, compiled)])
-        for (task, _), out in zip(compiled, outs):
+        for row, ((task, req), out) in enumerate(zip(compiled, outs), start):
             logp.append(task.log_label_probs(out.logprobs))
             states.append(out.hidden)
+            if row < len(data.texts):
+                shortest[req.lang] = min(shortest.get(req.lang, out.info.prompt_tokens), out.info.prompt_tokens)
         progress(min(start + chunk, len(texts)), len(texts))
     features = Features(np.stack(logp), np.stack(states), layers)
-    choice = choose(features, y, labels, clean=clean, groups=np.array(groups), methods=methods)
+    choice = choose(features, y, labels, clean=clean, groups=np.array(groups), methods=methods, fold_ids=fold_ids)
     described = {"prompt": "the task's own prompt, state of its last token", "layers": list(choice.layers),
-                 "logprobs": choice.method in ("calibrate", "head+logprobs")}
+                 "logprobs": choice.method in ("calibrate", "head+logprobs"), "min_prompt_tokens": shortest}
     return choice, described
