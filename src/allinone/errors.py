@@ -29,6 +29,13 @@ class InvalidInputError(AllInOneError):
     error_type = "invalid_request_error"
 
 
+class SessionExistsError(InvalidInputError):
+    """A session with the id asked for already exists (HTTP 409, as for any create that conflicts)."""
+
+    status_code = 409
+    code = "session_exists"
+
+
 class UnknownTaskError(AllInOneError):
     """No task of that name is declared."""
 
@@ -108,9 +115,12 @@ class ModelLoadingError(AllInOneError):
     status_code = 503
     code = "model_loading"
 
-    def __init__(self, message: str = "the model is loading; retry shortly", *, retry_after: float = 5.0) -> None:
+    def __init__(self, message: str = "the model is loading; retry shortly", *, retry_after: float = 5.0,
+                 failed: bool = False) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+        if failed:  # the code /health gives too: retrying soon will not help
+            self.code = "model_load_failed"
 
 
 class AuthenticationError(AllInOneError):

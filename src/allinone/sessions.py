@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import InvalidInputError, SessionNotFoundError
+from .errors import InvalidInputError, SessionExistsError, SessionNotFoundError
 
 SCHEMA_VERSION = 1
 _SCHEMA = """
@@ -174,7 +174,8 @@ class SessionStore:
         """Create an empty session (a random id if none is given).
 
         Raises:
-            InvalidInputError: a malformed id, or a session with this id already exists.
+            InvalidInputError: a malformed id.
+            SessionExistsError: a session with this id already exists.
         """
         session_id = check_session_id(session_id) if session_id is not None else uuid.uuid4().hex
         now = time.time()
@@ -183,7 +184,7 @@ class SessionStore:
                 self._db.execute("INSERT INTO sessions (id, created_at, updated_at) VALUES (?, ?, ?)",
                                  (session_id, now, now))
             except sqlite3.IntegrityError:
-                raise InvalidInputError(f"session {session_id!r} already exists", param="session_id") from None
+                raise SessionExistsError(f"session {session_id!r} already exists", param="session_id") from None
         return Session(session_id, now, now)
 
     def append(self, session_id: str, messages: Sequence[dict[str, Any]]) -> None:

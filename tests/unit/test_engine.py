@@ -189,6 +189,15 @@ def test_timeout_is_reported():
     engine.close()
 
 
+@pytest.mark.parametrize("timeout", [-1, 0, float("nan"), "5", True])
+def test_a_timeout_that_is_not_a_positive_number_is_bad_input(timeout):
+    engine = Engine(FakeBackend())
+    with pytest.raises(InvalidInputError, match="timeout must be"):
+        engine.run(TokenizeJob("a"), timeout=timeout)
+    assert engine.run(TokenizeJob("a"), timeout=None) == [97]
+    engine.close()
+
+
 def test_prompt_info_comes_back_with_the_reply():
     backend = FakeBackend("hi")
     engine = Engine(backend)

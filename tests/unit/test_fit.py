@@ -165,6 +165,9 @@ def test_a_row_limit_is_one_for_every_file_or_one_per_file(tmp_path):
     assert [n for _, _, n in rows.files] == [24, 10] and rows.texts[23] == "a zebra 11" and rows.texts[24] == "a yak 0"
     with pytest.raises(TrainingDataError, match="3 row limits for 2 files"):
         load_labelled([a, b], ["zebra", "yak"], limit=[5, 5, 5])
+    for bad in (-5, 0, [10, -1]):
+        with pytest.raises(TrainingDataError, match="row limit must be an integer >= 1"):
+            load_labelled([a, b], ["zebra", "yak"], limit=bad)
 
 
 def test_bad_span_data_is_refused_with_file_and_line(tmp_path):
@@ -179,6 +182,7 @@ def test_bad_span_data_is_refused_with_file_and_line(tmp_path):
     check([{"text": "Ann met", "type": "PER", "start": 0, "end": 7}, {"text": "Ann", "type": "PER", "start": 0, "end": 3}],
           r"overlap of one type")
     check([{"text": "Rome", "type": "LOC", "start": 15, "end": 99}], r"outside the text")
+    check([{"text": "", "type": "LOC", "start": 19, "end": 15}], r"15 are not a span \(start must be below end\)")
 
 
 def test_a_task_that_cannot_be_fit_says_so(tiny_ai):

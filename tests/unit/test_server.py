@@ -110,7 +110,7 @@ def test_create_session_route(client):
     assert made.status_code == 201 and made.json()["messages"] == []
     named = client.post("/v1/sessions", json={"session_id": "named"}).json()
     assert named["id"] == "named"
-    assert_error(client.post("/v1/sessions", json={"session_id": "named"}), 400, param="session_id")
+    assert_error(client.post("/v1/sessions", json={"session_id": "named"}), 409, "session_exists", param="session_id")
     assert_error(client.post("/v1/sessions", json={"session_id": "bad id!"}), 400, param="session_id")
     assert_error(client.get("/v1/sessions/bad%20id"), 400, param="session_id")
 
@@ -233,7 +233,8 @@ def test_a_failed_load_is_reported_not_fatal(tmp_path, monkeypatch):
         wait_for(lambda: c.get("/health").json()["status"] == "error")
         health = c.get("/health")
         assert health.status_code == 503 and "no such model" in health.json()["error"]["message"]
-        assert_error(c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}]}), 503)
+        assert_error(c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}]}), 503,
+                     "model_load_failed")
 
 
 def test_metrics_count_requests_tokens_and_queue(client):

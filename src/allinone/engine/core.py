@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..backends.kv_cache import common_prefix_len
-from ..errors import AllInOneError, OverloadedError, RequestTimeoutError
+from ..errors import AllInOneError, InvalidInputError, OverloadedError, RequestTimeoutError
 from ..types import TextDelta
 from .device import DeviceLock
 from .jobs import EncodeJob, EncodeOutput, GenerateJob, Job, PromptInfo, ScoreJob, ScoreOutput, TokenizeJob
@@ -266,6 +266,10 @@ class Engine:
         for job in jobs:
             if not isinstance(job, (TokenizeJob, ScoreJob, GenerateJob, EncodeJob)):
                 raise TypeError(f"not an engine job: {job!r}")
+        if timeout is not DEFAULT and timeout is not None and (
+                isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0):
+            raise InvalidInputError(f"timeout must be a number of seconds above 0, or None; got {timeout!r}",
+                                    param="timeout")
         with self._lock:
             if self._waiting + len(jobs) > self.max_queue:
                 raise OverloadedError(f"too many requests waiting ({self.max_queue}); retry shortly")

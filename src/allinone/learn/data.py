@@ -53,8 +53,11 @@ Limit = int | Sequence[int] | None
 
 def _limits(paths: Sequence[Path], limit: Limit) -> list[int | None]:
     if limit is None or isinstance(limit, int):
-        return [limit] * len(paths)
+        limit = [limit] * len(paths)
     limits = list(limit)
+    for n in limits:
+        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+            raise TrainingDataError(f"a row limit must be an integer >= 1, got {n!r}")
     if len(limits) == 1:
         return limits * len(paths)
     if len(limits) != len(paths):
@@ -169,7 +172,11 @@ def _check_spans(path: Path, rows: list[tuple[int, dict[str, Any]]], types: Sequ
             if not isinstance(e, dict) or not all(key in e for key in ("text", "type", "start", "end")):
                 raise TrainingDataError(f"{where} needs text, type, start and end")
             start, end, kind = e["start"], e["end"], e["type"]
-            if not (isinstance(start, int) and isinstance(end, int) and 0 <= start < end <= len(text)):
+            if not (isinstance(start, int) and isinstance(end, int)) or isinstance(start, bool) or isinstance(end, bool):
+                raise TrainingDataError(f"{where}: start and end must be integers, got {start!r} and {end!r}")
+            if start >= end:
+                raise TrainingDataError(f"{where}: offsets {start}..{end} are not a span (start must be below end)")
+            if start < 0 or end > len(text):
                 raise TrainingDataError(f"{where}: offsets {start}..{end} are outside the text ({len(text)} characters)")
             if text[start:end] != e["text"]:
                 raise TrainingDataError(f"{where}: text[{start}:{end}] is {text[start:end]!r}, not {e['text']!r}")

@@ -86,7 +86,7 @@ class ServerState:
         if self.ai is not None:
             return self.ai
         if self.load_error is not None:
-            raise ModelLoadingError(f"the model failed to load: {self.load_error}", retry_after=60)
+            raise ModelLoadingError(f"the model failed to load: {self.load_error}", retry_after=60, failed=True)
         raise ModelLoadingError()
 
     def load(self) -> None:
