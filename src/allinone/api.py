@@ -35,7 +35,7 @@ from .tasks import (
 )
 from .tasks.chat import DECLINE, DECLINE_OPENING, RETRY_OPENING, STEER, guard_refusals, looks_harmful
 from .tasks.prompting import pick
-from .types import SamplingParams, check_text
+from .types import SamplingParams, check_text, is_blank
 
 if TYPE_CHECKING:
     from .batch import BatchSummary
@@ -708,8 +708,8 @@ class AllInOne:
     def _check_text(self, text: object) -> None:
         if not isinstance(text, str):
             raise InvalidInputError("text must be a string", param="text")
-        if not text.strip():
-            raise InvalidInputError("text is empty", param="text")
+        if is_blank(text):
+            raise InvalidInputError("text is empty (only whitespace or invisible characters)", param="text")
         if len(text) > self.settings.max_input_chars:
             raise InvalidInputError(
                 f"text is {len(text)} characters; the limit is {self.settings.max_input_chars}", param="text")

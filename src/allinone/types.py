@@ -4,6 +4,7 @@ allinone but :mod:`allinone.errors`, so any module may use them without an impor
 from __future__ import annotations
 
 import math
+import unicodedata
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Literal
@@ -136,6 +137,12 @@ def validate_messages(messages: Sequence[Message]) -> list[dict[str, str]]:
             )
         out.append({"role": role, "content": content_text(m.get("content"), f"messages[{i}].content")})
     return out
+
+
+def is_blank(text: str) -> bool:
+    """Nothing to read: every character is whitespace, a control character (Unicode category Cc,
+    e.g. NUL) or an invisible format character (Cf: zero-width space, BOM, ...)."""
+    return all(ch.isspace() or unicodedata.category(ch) in ("Cc", "Cf") for ch in text)
 
 
 def check_text(value: str, param: str, where: str | None = None) -> str:

@@ -41,7 +41,7 @@ def user(text: str = "hi") -> dict:
 
 # -- text inputs -------------------------------------------------------------------------------
 @pytest.mark.parametrize("route", ["/v1/tasks/sentiment", "/v1/tasks/analyze", "/v1/tasks/chat", "/v1/tokenize"])
-@pytest.mark.parametrize("text", ["", "   ", "\n\t  \r\n"])
+@pytest.mark.parametrize("text", ["", "   ", "\n\t  \r\n", "\x00\x00", "\u200b\ufeff"])
 def test_empty_and_whitespace_text_is_400(client, route, text):
     expect(client.post(route, json={"text": text}), 400, param="text" if route != "/v1/tasks/chat" else None)
     still_healthy(client)

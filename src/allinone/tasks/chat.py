@@ -14,7 +14,7 @@ from typing import Any, Literal
 from ..engine import GenerateJob, Prompt
 from ..errors import InvalidInputError
 from ..results import ChatChunk
-from ..types import SamplingParams, validate_messages
+from ..types import SamplingParams, is_blank, validate_messages
 
 
 @dataclass(frozen=True)
@@ -48,7 +48,7 @@ class ChatRequest:
         users = [m for m in msgs if m["role"] == "user"]
         if not users:
             raise InvalidInputError("messages must contain at least one user message", param="messages")
-        if msgs[-1]["role"] == "user" and not msgs[-1]["content"].strip():
+        if msgs[-1]["role"] == "user" and is_blank(msgs[-1]["content"]):
             raise InvalidInputError("the last user message is empty", param="messages")
         if profile is not None:
             msgs = profile.apply(msgs, mood, lang)
