@@ -120,7 +120,7 @@ def misplaces_sympathy(reply: str) -> bool:
 
 def builtin_set(name: str) -> Path:
     """``emotional`` (60 messages carrying a feeling, EN/ZH), ``harmful`` (12 requests to
-    decline) or ``dev`` (40 prompts for choosing prompts; never reported): sets written for
+    decline) or ``dev`` (70 prompts for choosing prompts, 42 carrying a feeling; never reported): sets written for
     this project."""
     return Path(str(resources.files(__package__) / "chat" / f"{name}.jsonl"))
 
