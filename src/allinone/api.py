@@ -709,7 +709,7 @@ class AllInOne:
         if not isinstance(text, str):
             raise InvalidInputError("text must be a string", param="text")
         if is_blank(text):
-            raise InvalidInputError("text is empty (only whitespace or invisible characters)", param="text")
+            raise InvalidInputError("text is empty", param="text")  # whitespace or invisible characters only
         if len(text) > self.settings.max_input_chars:
             raise InvalidInputError(
                 f"text is {len(text)} characters; the limit is {self.settings.max_input_chars}", param="text")
