@@ -157,6 +157,11 @@ def test_fields_ids_and_formats(make, tmp_path):
         ai.batch("t", txt, tmp_path / "out.csv", format="jsonl")
     with pytest.raises(InvalidInputError, match="no such input file"):
         ai.batch("t", tmp_path / "missing.jsonl", tmp_path / "e.jsonl")
+    twice = tmp_path / "twice.csv"
+    twice.write_text("text,text\ngood,bad\n", encoding="utf-8")
+    with pytest.raises(InvalidInputError, match="2 columns named 'text'"):
+        ai.batch("t", twice, tmp_path / "f.jsonl")
+    assert not (tmp_path / "f.jsonl").exists()
 
 
 def test_bad_parameters_and_unknown_tasks_fail_before_anything_is_written(make, tmp_path):
