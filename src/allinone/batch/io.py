@@ -153,9 +153,9 @@ class Source:
         if text_field not in columns:
             raise InvalidInputError(f"{path} has no column {text_field!r} (columns: {', '.join(columns) or 'none'}); "
                                     "name the text column with --text-field", param="text_field")
-        for field, param in ((text_field, "text_field"), (id_field, "id_field")):
-            if list(columns).count(field) > 1:  # which one is meant cannot be known
-                raise InvalidInputError(f"{path} has {list(columns).count(field)} columns named {field!r}; "
+        for name, param in ((text_field, "text_field"), (id_field, "id_field")):
+            if list(columns).count(name) > 1:  # which one is meant cannot be known
+                raise InvalidInputError(f"{path} has {list(columns).count(name)} columns named {name!r}; "
                                         "rename them or choose another with --" + param.replace("_", "-"), param=param)
         return cls(path, fmt, text_field, id_field, has_id=bool(id_field) and id_field in columns)
 
