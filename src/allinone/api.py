@@ -342,7 +342,7 @@ class AllInOne:
         kind = kind_of(spec)
         spans = isinstance(kind, ExtractKind) and spec.spans is not None
         if not isinstance(kind, ClassifyKind) and not spans:
-            raise InvalidInputError(f"task {task!r} is {'an' if kind.name[0] in 'aeiou' else 'a'} {kind.name} task without spans; only classify tasks and "
+            raise InvalidInputError(f"task {task!r} (kind {kind.name}) has no spans; only classify tasks and "
                                     "span tasks (NER-like) can be fit", param="task")
         allowed = ("tagger",) if spans else LEARNED
         if method != "auto" and method not in allowed:
