@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/invariance.py                  # 48 texts per task, both modes; ~20 min
     .venv/bin/python benchmarks/invariance.py --limit 8 --modes invariant
+    .venv/bin/python benchmarks/invariance.py --replies-only   # the harder reply probe; ~5 min
 
 For each mode (the default, and ``batch_invariant=True``) and each path (learned artifacts, and
 prompting with ``learned=False``): the first ``--limit`` texts of the SST-2 and SNIPS training
@@ -10,6 +11,10 @@ the largest and median absolute difference of a label's probability, how many te
 more than 1e-3, label changes, and the seconds each way. With prompting, 8 greedy chat replies
 (48 tokens) one by one, then from 8 threads at once: how many are equal. Run it with nothing else
 on the CPU (the times are part of the result); figures are in docs/reliability.md.
+
+``--replies-only``: the harder reply probe instead: 8 prompts that ask for ~100 tokens
+(``max_tokens=96``), after ``--limit`` sentiment texts in a batch; one by one, then 8 at once
+from threads, then one by one again; how many replies are equal each way.
 """
 
 from __future__ import annotations
@@ -26,6 +31,11 @@ from allinone import AllInOne
 POOLS = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "train"
 PROMPTS = ["Name three fruits.", "用一句话介绍北京。", "What is 2+2?", "Say hi in French.",
            "推荐一本书。", "Give me a color.", "What day comes after Monday?", "写一个四个字的成语。"]
+LONG_PROMPTS = ["Explain how a bicycle works in detail.", "用三段话介绍一下长城的历史。",
+                "Write a short story about a robot who learns to paint.",
+                "List ten tips for better sleep and explain each.", "请详细解释什么是机器学习。",
+                "Describe the water cycle step by step.", "写一篇关于春天的短文。",
+                "Compare Python and JavaScript for a beginner."]
 
 
 def rows(name: str, limit: int) -> list[dict]:
@@ -38,7 +48,10 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=48, help="texts per task")
     parser.add_argument("--modes", default="default,invariant")
     parser.add_argument("--model", default="embedded")
+    parser.add_argument("--replies-only", action="store_true", help="only the harder greedy-reply probe")
     args = parser.parse_args()
+    if args.replies_only:
+        return replies(args)
 
     sentiment = [r["text"] for r in rows("sst2_train.jsonl", args.limit)]
     intent = [r["text"] for r in rows("snips_intent_train.jsonl", args.limit)]
@@ -73,6 +86,27 @@ def main() -> None:
                     print(json.dumps({"mode": mode, "greedy_equal": sum(a == b for a, b in zip(one_by_one, at_once)),
                                       "of": len(PROMPTS), "alone_s": round(middle - start, 1),
                                       "together_s": round(end - middle, 1)}), flush=True)
+
+
+def replies(args: argparse.Namespace) -> None:
+    sentiment = [r["text"] for r in rows("sst2_train.jsonl", args.limit)]
+    for mode in args.modes.split(","):
+        with AllInOne.load(args.model, batch_invariant=mode == "invariant") as ai:
+            ai.run_many("sentiment", sentiment)  # other work cached first
+
+            def reply(prompt: str) -> str:
+                return ai.chat(prompt, temperature=0, max_tokens=96).text
+
+            start = time.perf_counter()
+            alone = [reply(p) for p in LONG_PROMPTS]
+            middle = time.perf_counter()
+            with cf.ThreadPoolExecutor(len(LONG_PROMPTS)) as pool:
+                at_once = list(pool.map(reply, LONG_PROMPTS))
+            end = time.perf_counter()
+            again = [reply(p) for p in LONG_PROMPTS]
+            print(json.dumps({"mode": mode, "alone_eq_at_once": sum(a == b for a, b in zip(alone, at_once)),
+                              "alone_eq_again": sum(a == b for a, b in zip(alone, again)), "of": len(LONG_PROMPTS),
+                              "alone_s": round(middle - start, 1), "at_once_s": round(end - middle, 1)}), flush=True)
 
 
 if __name__ == "__main__":

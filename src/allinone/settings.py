@@ -41,8 +41,8 @@ class Settings(BaseSettings):
     max_batch: int = Field(16, ge=1, le=64, description="most classification prompts computed in one batch")
     max_active: int = Field(16, ge=1, le=48, description="most replies decoded together (continuous batching)")
     batch_invariant: bool = Field(
-        False, description="a text's label probabilities and hidden states do not depend on what else runs "
-        "(2-11x slower classification; greedy replies not covered; docs/reliability.md)")
+        False, description="a text's label probabilities, hidden states and greedy replies do not depend on "
+        "what else runs (2-11x slower classification, greedy replies one at a time; docs/reliability.md)")
 
     # tasks
     tasks_dir: Path | None = Field(None, description="a folder of task declarations (*.toml) added to the built-ins")

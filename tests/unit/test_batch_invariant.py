@@ -9,6 +9,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from allinone.types import SamplingParams
+
 pytestmark = pytest.mark.tiny
 
 TEXTS = ["great fun", "a dull, long and tiresome film that I would not watch again", "ok",
@@ -87,3 +89,61 @@ def test_the_setting_reaches_the_backend(backend_name, tiny_gguf_path, tiny_hf_d
         alone = [ai.run("sentiment", t).scores for t in TEXTS]
         for a, b in zip(alone, [r.scores for r in ai.run_many("sentiment", TEXTS)]):
             assert a == pytest.approx(b, rel=1e-6)
+
+
+def _decode(backend, prompts, sampling, n, *, together):
+    """``n`` tokens of a reply to each prompt, one reply after another or all at once; returns
+    each reply's tokens and the logits every token was picked from."""
+    from allinone.backends import base
+
+    seen: dict[int, list[np.ndarray]] = {}
+    pick = base.sample
+
+    def spy(logits, sampling, history, rng, allowed=None):
+        seen.setdefault(id(history), []).append(np.array(logits, copy=True))
+        return pick(logits, sampling, history, rng, allowed)
+
+    base.sample = spy
+    try:
+        groups = [prompts] if together else [[p] for p in prompts]
+        out, alive = [], []  # states outlive the loop: ids of their histories key ``seen``
+        for group in groups:
+            states = [backend.start(p, sampling) for p in group]
+            alive += states
+            got = {id(s): [] for s in states}
+            running = list(states)
+            try:
+                while running:  # a reply with n tokens is finished, as the engine retires it
+                    for s, tok in zip(list(running), backend.step(running)):
+                        if tok is not None:
+                            got[id(s)].append(tok)
+                        if len(got[id(s)]) == n:
+                            backend.finish(s)
+                            running.remove(s)
+            finally:
+                for s in running:
+                    backend.finish(s)
+            out += [(got[id(s)], seen[id(s.history)]) for s in states]
+        return out
+    finally:
+        base.sample = pick
+
+
+def test_greedy_replies_are_the_same_alone_and_together(invariant_backend):
+    """A greedy reply's tokens and the logits they were picked from are bit for bit the same
+    decoded alone and beside other replies, with other work cached around them. On llama.cpp
+    this needs the solo context (without it the logits differ: a reply's cells sit among the
+    others' in the unified cache)."""
+    backend = invariant_backend
+    fixed, prompts = _prompts(backend)
+    backend.cache_prefix(fixed)
+    # other work first: cached prefixes and freed prompts leave cells in use and holes
+    backend.score_batch_hidden([(p, [[5]]) for p in prompts], [-1], keep=True)
+    chats = [backend.tokenize(f"User: {t}{' x' * i}\nAssistant:") for i, t in enumerate(TEXTS)]
+    sampling = SamplingParams(temperature=0, max_tokens=24, repetition_penalty=1.0)
+    alone = _decode(backend, chats, sampling, 24, together=False)
+    together = _decode(backend, chats, sampling, 24, together=True)
+    for (a_ids, a_logits), (b_ids, b_logits) in zip(alone, together):
+        assert a_ids == b_ids
+        for x, y in zip(a_logits, b_logits):
+            np.testing.assert_array_equal(x, y)

@@ -70,9 +70,9 @@ class Backend(abc.ABC):
     prefill_chunk: int = 256
     #: a text's label scores and hidden states do not depend on what else runs or ran before:
     #: each sequence is computed in its own forward pass, in slices that depend on the prompt
-    #: alone (only declared task prefixes are reused, ``KVPool.declared_only``). Slower, and
-    #: greedy replies are not covered; docs/reliability.md says what it costs and why the
-    #: default rounds differently.
+    #: alone (only declared task prefixes are reused, ``KVPool.declared_only``); greedy replies
+    #: too (llama.cpp: in a context of their own, one at a time). Slower; docs/reliability.md
+    #: says what it costs and why the default rounds differently.
     batch_invariant: bool = False
 
     # -- tokens -------------------------------------------------------------------------
@@ -440,9 +440,14 @@ class Backend(abc.ABC):
         if len(prompt) >= self.n_ctx:
             raise InvalidInputError(f"prompt of {len(prompt)} tokens does not fit the context of {self.n_ctx}")
         matcher = self.json_matcher(json_schema) if json_schema is not None else None
-        entry, n = self.kv.acquire(prompt)
+        entry, n = self._reply_entry(prompt, sampling)
         return GenState(entry=entry, pending=prompt[n:], history=prompt, sampling=sampling,
                         rng=np.random.default_rng(sampling.seed), matcher=matcher, keep=keep)
+
+    def _reply_entry(self, prompt: list[int], sampling: SamplingParams) -> tuple[KVEntry, int]:
+        """The KV entry a reply to ``prompt`` is computed in, and how many of its first tokens
+        that entry holds already (the longest cached prefix)."""
+        return self.kv.acquire(prompt)
 
     def step(self, states: Sequence[GenState]) -> list[int | None]:
         """Advance each state by one step (continuous batching).
@@ -461,8 +466,8 @@ class Backend(abc.ABC):
         replies one sequence per pass bought no determinism on llama.cpp (a reply still depends
         on where its KV cells sit) and cost 8 streams 60 % of their throughput
         (docs/benchmarks.md). With :attr:`batch_invariant` the llama.cpp backend computes one
-        sequence per pass anyway; greedy replies still depend on their cells there
-        (docs/reliability.md).
+        sequence per pass and greedy replies in a context of their own
+        (:class:`~allinone.backends.llamacpp.LlamaCppBackend`).
 
         Returns:
             per state, in order: the sampled token id (end tokens included: stopping is the

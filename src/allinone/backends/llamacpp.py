@@ -21,7 +21,8 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import BackendUnavailableError, KVCacheFullError
-from .base import Backend
+from ..types import SamplingParams
+from .base import Backend, GenState
 from .chat_template import ChatTemplate
 from .kv_cache import KVEntry, KVPool
 
@@ -43,6 +44,9 @@ _TURN_TOKENS = ("<|im_end|>", "<|endoftext|>", "<|im_start|>", "<|eot_id|>", "<e
 
 #: sequence ids of the llama.cpp context: cached and running sequences together
 N_SEQ_MAX = 64
+
+#: the KV handle of a greedy reply in batch-invariant mode: sequence 0 of the solo context
+_SOLO = "solo"
 
 #: the most token positions idle cached sequences may hold (beyond the most recently used one).
 #: In the unified KV cache every forward pass attends over all cells in use, other sequences'
@@ -70,10 +74,15 @@ class LlamaCppBackend(Backend):
         model_id: display id.
         batch_invariant: see :attr:`Backend.batch_invariant`. Here: flash attention (for a
             step of several tokens its sums run over a sequence's own cells in order, so where
-            they sit in the unified cache changes nothing; a one-token step with 512 or more
-            cells in view is split by cell index over the threads, which is why greedy replies
-            are not covered: docs/reliability.md) and one sequence per ``llama_decode`` (flash
-            attention rounds differently with other tokens in the same decode).
+            they sit in the unified cache changes nothing) and one sequence per ``llama_decode``
+            (flash attention rounds differently with other tokens in the same decode). Greedy
+            replies are computed in a second context of their own (the *solo* context: one
+            sequence, its own KV buffer of ``n_ctx`` cells, cleared before each reply), one
+            reply at a time: in the shared cache a one-token step with 512 or more cells in
+            view is split by cell index over the threads and a reply's cells land wherever
+            others left room, so its tokens depended on what else ran (docs/reliability.md).
+            A greedy reply waits while another holds the solo context, and computes its whole
+            prompt (no cached prefix).
 
     Raises:
         BackendUnavailableError: llama-cpp-python is not installed, or the file cannot be loaded.
@@ -134,6 +143,19 @@ class LlamaCppBackend(Backend):
         except ValueError as exc:
             raise BackendUnavailableError(f"llama.cpp could not create a context for {gguf_path}: {exc}") from exc
         self._memory = llama_cpp.llama_get_memory(self._ctx.ctx)
+        self._solo_ctx = self._solo_owner = None
+        if batch_invariant:
+            solo = llama_cpp.llama_context_default_params()
+            solo.n_ctx = self.n_ctx
+            solo.n_batch = solo.n_ubatch = n_batch
+            solo.n_seq_max = 1
+            solo.n_threads = solo.n_threads_batch = threads
+            solo.no_perf = True
+            solo.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
+            try:
+                self._solo_ctx = _internals.LlamaContext(model=self._model, params=solo, verbose=False)
+            except ValueError as exc:
+                raise BackendUnavailableError(f"llama.cpp could not create a second context for {gguf_path}: {exc}") from exc
         self._n_batch = n_batch
         self._batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
         self._free_seqs = list(range(N_SEQ_MAX - 1, -1, -1))
@@ -195,6 +217,29 @@ class LlamaCppBackend(Backend):
         self._lib.llama_memory_seq_rm(self._memory, seq, -1, -1)
         self._free_seqs.append(seq)
 
+    # -- greedy replies in batch-invariant mode: the solo context ---------------------------
+    def _reply_entry(self, prompt: list[int], sampling: SamplingParams) -> tuple[KVEntry, int]:
+        if self._solo_ctx is not None and sampling.greedy:
+            return KVEntry(_SOLO, in_use=True), 0
+        return super()._reply_entry(prompt, sampling)
+
+    def step(self, states: Sequence[GenState]) -> list[int | None]:
+        if self._solo_ctx is None:
+            return super().step(states)
+        if self._solo_owner is None:  # the oldest waiting greedy reply takes the solo context
+            self._solo_owner = next((s.entry for s in states if s.entry.handle is _SOLO), None)
+            if self._solo_owner is not None:
+                self._lib.llama_memory_clear(self._lib.llama_get_memory(self._solo_ctx.ctx), True)
+        runnable = [s for s in states if s.entry.handle is not _SOLO or s.entry is self._solo_owner]
+        tokens = dict(zip(map(id, runnable), super().step(runnable)))
+        return [tokens.get(id(s)) for s in states]
+
+    def finish(self, state: GenState) -> None:
+        if state.entry.handle is not _SOLO:
+            super().finish(state)
+        elif state.entry is self._solo_owner:
+            self._solo_owner = None
+
     # -- compute ------------------------------------------------------------------------
     def _forward(self, entries: Sequence[KVEntry], new_tokens: Sequence[Sequence[int]], *,
                  all_logits: bool, layers: Sequence[int] = (), logits: bool = True,
@@ -208,6 +253,7 @@ class LlamaCppBackend(Backend):
         owners: list[int] = []  # entry index of every token of the current batch
         outputs: list[int] = []  # entry index of every output position of the current batch
         n = 0
+        ctx = self._ctx.ctx  # the context of the current batch: a solo entry is computed in its own
 
         def flush() -> None:
             nonlocal n
@@ -216,12 +262,12 @@ class LlamaCppBackend(Backend):
             batch.n_tokens = n
             self._states.start(layers)
             try:
-                rc = lib.llama_decode(self._ctx.ctx, batch)
+                rc = lib.llama_decode(ctx, batch)
                 # 1: no free cells for the batch. llama.cpp finds room for every micro-batch before
                 # it writes anything, so the batch can be retried once idle sequences are evicted.
-                while rc == 1 and self.kv.evict_one(keep=entries):
+                while rc == 1 and ctx == self._ctx.ctx and self.kv.evict_one(keep=entries):
                     self._states.start(layers)
-                    rc = lib.llama_decode(self._ctx.ctx, batch)
+                    rc = lib.llama_decode(ctx, batch)
                 captured = self._states.stop()
             except BaseException:
                 self._states.stop()
@@ -231,7 +277,7 @@ class LlamaCppBackend(Backend):
             if rc != 0:
                 raise RuntimeError(f"llama_decode failed with code {rc}")
             for pos, i in wanted:
-                ptr = lib.llama_get_logits_ith(self._ctx.ctx, pos)
+                ptr = lib.llama_get_logits_ith(ctx, pos)
                 rows[i].append(np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy())
             for layer, mat in captured.items():
                 who = outputs if layer == self.n_layer else owners
@@ -249,6 +295,8 @@ class LlamaCppBackend(Backend):
         for i, (entry, new) in enumerate(zip(entries, new_tokens)):
             if n and self.batch_invariant:
                 flush()
+            solo = entry.handle is _SOLO
+            ctx = self._solo_ctx.ctx if solo else self._ctx.ctx
             start = len(entry.tokens)
             last = len(new) - 1
             for k, tok in enumerate(new):
@@ -257,7 +305,7 @@ class LlamaCppBackend(Backend):
                 batch.token[n] = tok
                 batch.pos[n] = start + k
                 batch.n_seq_id[n] = 1
-                batch.seq_id[n][0] = entry.handle
+                batch.seq_id[n][0] = 0 if solo else entry.handle
                 need = logits and (all_logits or k == last)
                 state = final and (k == last or not last_states)
                 batch.logits[n] = need or state
@@ -289,6 +337,8 @@ class LlamaCppBackend(Backend):
         if self._batch is not None:
             self._lib.llama_batch_free(self._batch)
             self._batch = None
+        if self._solo_ctx is not None:
+            self._solo_ctx.close()
         self._ctx.close()
         self._model.close()
 
