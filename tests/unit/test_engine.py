@@ -189,6 +189,21 @@ def test_timeout_is_reported():
     engine.close()
 
 
+def test_a_reader_behind_its_stream_learns_that_it_timed_out():
+    """Pieces already queued when the deadline passes are still read, then the timeout: not a
+    clean end without a finish reason (a fresh user's slow reader saw one in 3 of 3 runs)."""
+    backend = FakeBackend("y" * 10_000, end=False, step_delay=0.002)
+    engine = Engine(backend)
+    stream = engine.submit(GenerateJob(HI, GREEDY), timeout=0.3)
+    pieces = 0
+    with pytest.raises(RequestTimeoutError):
+        for _ in stream:
+            pieces += 1
+            time.sleep(0.05)  # reads slower than the worker writes
+    assert pieces > 1
+    engine.close()
+
+
 @pytest.mark.parametrize("timeout", [-1, 0, float("nan"), "5", True])
 def test_a_timeout_that_is_not_a_positive_number_is_bad_input(timeout):
     engine = Engine(FakeBackend())

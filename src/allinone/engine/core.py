@@ -507,7 +507,12 @@ class Engine:
 
     def _step(self, active: list[_Active]) -> None:
         for a in [a for a in active if a.task.dead]:
-            self._retire(a, active)
+            # a reader behind its stream still has pieces queued: past the deadline it must
+            # learn why the stream ends (not see a clean end without a finish reason)
+            timed_out = not a.task.cancelled.is_set()
+            self._retire(a, active, done=not timed_out)
+            if timed_out:
+                a.task.out.put(("error", RequestTimeoutError("the request timed out")))
         if not active:
             return
         try:
