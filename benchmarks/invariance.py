@@ -48,6 +48,7 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=48, help="texts per task")
     parser.add_argument("--modes", default="default,invariant")
     parser.add_argument("--model", default="embedded")
+    parser.add_argument("--backend", default="llamacpp", choices=["llamacpp", "transformers"])
     parser.add_argument("--replies-only", action="store_true", help="only the harder greedy-reply probe")
     args = parser.parse_args()
     if args.replies_only:
@@ -59,7 +60,8 @@ def main() -> None:
         labels = sorted({json.loads(line)["label"] for line in f})
     for mode in args.modes.split(","):
         for learned in (True, False):
-            with AllInOne.load(args.model, learned=learned, batch_invariant=mode == "invariant") as ai:
+            with AllInOne.load(args.model, backend=args.backend, learned=learned,
+                               batch_invariant=mode == "invariant") as ai:
                 for task, items, params in (("sentiment", sentiment, {}), ("intent", intent, {"labels": labels})):
                     start = time.perf_counter()
                     alone = [ai.run(task, t, **params).scores for t in items]
@@ -91,7 +93,7 @@ def main() -> None:
 def replies(args: argparse.Namespace) -> None:
     sentiment = [r["text"] for r in rows("sst2_train.jsonl", args.limit)]
     for mode in args.modes.split(","):
-        with AllInOne.load(args.model, batch_invariant=mode == "invariant") as ai:
+        with AllInOne.load(args.model, backend=args.backend, batch_invariant=mode == "invariant") as ai:
             ai.run_many("sentiment", sentiment)  # other work cached first
 
             def reply(prompt: str) -> str:
@@ -104,7 +106,7 @@ def replies(args: argparse.Namespace) -> None:
                 at_once = list(pool.map(reply, LONG_PROMPTS))
             end = time.perf_counter()
             again = [reply(p) for p in LONG_PROMPTS]
-            print(json.dumps({"mode": mode, "alone_eq_at_once": sum(a == b for a, b in zip(alone, at_once)),
+            print(json.dumps({"backend": args.backend, "mode": mode, "alone_eq_at_once": sum(a == b for a, b in zip(alone, at_once)),
                               "alone_eq_again": sum(a == b for a, b in zip(alone, again)), "of": len(LONG_PROMPTS),
                               "alone_s": round(middle - start, 1), "at_once_s": round(end - middle, 1)}), flush=True)
 
