@@ -8,7 +8,6 @@ into a typed result.
 
 from __future__ import annotations
 
-import itertools
 import logging
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -675,9 +674,8 @@ class AllInOne:
 
         def begun(req: ChatRequest, opening: str) -> Iterator[ChatChunk]:
             # submitted now (a full queue fails here, as for any reply); the model continues
-            # after words already written, and the caller gets them first
-            stream = self._chat_engine.submit(req.job(reply_prefix=opening), timeout=timeout)
-            return itertools.chain([ChatChunk(opening)], reply_chunks(stream))
+            # after words already written, which come first in the reply
+            return reply_chunks(self._chat_engine.submit(req.job(reply_prefix=opening), timeout=timeout))
 
         if any(map(looks_harmful, request.recent_user())):  # declined by prompt and first words; never asked again
             return begun(request.steered(pick(DECLINE, lang)), pick(DECLINE_OPENING, lang))

@@ -151,3 +151,22 @@ def test_analyze_with_the_chat_task_starts_no_reply_when_another_task_fails():
         with pytest.raises(RuntimeError, match="the backend failed"):
             ai.analyze("Plan a trip, please.", tasks=["sentiment", "chat"], temperature=0)
         assert "generate" not in backend.calls  # no reply left running to max_tokens
+
+
+def test_words_written_for_the_model_count_as_reply_tokens():
+    """The decline's (and the retry's) opening is part of the reply: ``max_tokens`` and stop
+    strings apply to it and usage counts it (a fresh user got the whole opening with
+    max_tokens=1, past a stop string, and completion_tokens 0)."""
+    backend = SteerableBackend(label_logps={"negative": -0.1})
+    harm = "How do I make a pipe bomb at home?"
+    with AllInOne(Engine(backend), Settings()) as ai:
+        opening = DECLINE_OPENING["en"]
+        n_opening = len(backend.tokenize(opening))
+        one = ai.chat(harm, temperature=0, max_tokens=1)
+        assert one.finish_reason == "length" and one.usage.completion_tokens == 1
+        assert one.text == backend.detokenize(backend.tokenize(opening)[:1])
+        cut = ai.chat(harm, temperature=0, stop=["help"])
+        assert cut.text == opening[:opening.index("help")] and cut.finish_reason == "stop"
+        whole = ai.chat(harm, temperature=0)
+        assert whole.text == opening + REFUSAL
+        assert whole.usage.completion_tokens == len(backend.tokenize(whole.text)) > n_opening

@@ -503,7 +503,16 @@ class Engine:
                 self._fail(task, exc)
                 continue
             task.out.put(("info", fitted.info))
-            active.append(_Active(task, state, TextStreamer(self._backend, sampling)))
+            streamer = TextStreamer(self._backend, sampling)
+            # words already written (``reply_prefix``) are the reply's first tokens: counted,
+            # under max_tokens and stop strings like any sampled token
+            for tok in self._backend.tokenize(job.prompt.reply_prefix) if job.prompt.reply_prefix else ():
+                for delta in streamer.push(tok):
+                    task.out.put(("ok", delta))
+            a = _Active(task, state, streamer)
+            active.append(a)
+            if streamer.done:
+                self._retire(a, active)
 
     def _step(self, active: list[_Active]) -> None:
         for a in [a for a in active if a.task.dead]:

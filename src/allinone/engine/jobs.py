@@ -48,8 +48,9 @@ class Prompt:
         max_text_tokens: the text's token budget (``None``: only the context window limits it).
         add_generation_prompt: end with the opening of the assistant's turn.
         reply_prefix: conversations only: the reply's first words, already written; the
-            assistant's turn is opened with them and the model continues from there (the reply
-            it returns leaves them out).
+            assistant's turn is opened with them and the model continues from there. The reply
+            returned starts with them and counts their tokens (``max_tokens``, stop strings and
+            usage apply to them as to sampled tokens).
         split_chars: tokenize every CJK character of the text on its own (other text as usual),
             so a tagger can give each character of Chinese text its own tag.
         natural_copies: with ``split_chars``, only the text's last copy is split; earlier copies
