@@ -582,8 +582,42 @@ def serve(
                 timeout_graceful_shutdown=5)
 
 
-def main() -> None:  # pragma: no cover
-    app()
+def _print_version(value: bool) -> None:
+    if value:
+        from . import __version__
+
+        print(f"allinone {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
+                                                 help="Print the version and exit.")] = False) -> None:
+    pass
+
+
+def main(argv: list[str] | None = None) -> None:
+    """The ``allinone`` command. Wrong usage (an unknown command or option, a bad value) is one
+    line on stderr and exit code 2, as every other bad input (README), not click's boxed panel."""
+    try:  # typer 0.2x carries its own copy of click
+        from typer._click.exceptions import NoArgsIsHelpError, UsageError
+    except ImportError:  # pragma: no cover - older typer runs on click itself
+        from click.exceptions import NoArgsIsHelpError, UsageError
+
+    try:
+        code = app(args=argv, prog_name="allinone", standalone_mode=False)
+    except NoArgsIsHelpError as exc:  # bare ``allinone``: the help, as asked for
+        print(exc.format_message(), file=sys.stderr)
+        code = 2
+    except UsageError as exc:
+        where = f" (see {exc.ctx.command_path} --help)" if exc.ctx is not None else ""
+        err.print(f"[red]error:[/red] {escape(exc.format_message().rstrip('.'))}{escape(where)}", highlight=False,
+                  soft_wrap=True)
+        code = 2
+    except typer.Abort:
+        err.print("aborted", highlight=False)
+        code = 130
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":  # python -m allinone.cli

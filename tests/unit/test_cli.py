@@ -110,3 +110,25 @@ def test_batch_refuses_a_chunk_size_below_one_before_loading_or_writing(tmp_path
                               "--chunk-rows", "0", "--model", str(tmp_path / "no-such-model.gguf")])
     assert out.exit_code == 2 and "chunk rows must be an integer >= 1" in out.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]
+
+
+@pytest.mark.parametrize("argv", [["nosuch"], ["sentiment", "--nosuch", "x"], ["chat", "--temperature", "abc", "hi"],
+                                  ["run"], ["serve", "--port", "abc"], ["eval", "sentiment"]])
+def test_wrong_usage_is_one_line_and_exit_2(argv, capsys):
+    """The ``allinone`` command (``main``), as the console script runs it: click's usage errors
+    came in a 5-line box (a fresh user's finding); the README promises one line."""
+    from allinone.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert exit_.value.code == 2 and len(lines) == 1 and lines[0].startswith("error: "), lines
+
+
+def test_version(capsys):
+    from allinone import __version__
+    from allinone.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0 and capsys.readouterr().out.strip() == f"allinone {__version__}"
