@@ -66,6 +66,17 @@ def test_text_of_the_wrong_type_is_400(client):
     still_healthy(client)
 
 
+@pytest.mark.parametrize("route", ["/v1/tasks/sentiment", "/v1/tasks/ner", "/v1/tasks/keywords"])
+@pytest.mark.parametrize("lang", ["xx", "fr", "EN", "english"])
+def test_a_lang_the_task_has_no_prompt_in_is_400(client, route, lang):
+    """"fr" was served by the English prompt as if it were a language of the task (and a
+    learned head's per-language rules did not apply: another score than for "en")."""
+    expect(client.post(route, json={"text": "Anna lives in Paris.", "lang": lang}), 400, param="lang")
+    for ok in ("en", "zh", "auto"):
+        expect(client.post(route, json={"text": "Anna lives in Paris.", "lang": ok}), 200)
+    still_healthy(client)
+
+
 # -- malformed bodies --------------------------------------------------------------------------
 @pytest.mark.parametrize("route", ["/v1/tasks/sentiment", "/v1/tasks/analyze", CHAT])
 @pytest.mark.parametrize("raw,hint", [

@@ -83,14 +83,19 @@ def named_list(value: Any, param: str) -> tuple[tuple[str, str], ...]:
     return tuple((n.strip(), d) for n, d in items)
 
 
-def resolve_lang(value: Any, text: Any) -> str:
-    """``auto`` -> detected from ``text``; else a language code.
+def resolve_lang(value: Any, text: Any, languages: Sequence[str] = ()) -> str:
+    """``auto`` -> detected from ``text``; else a language code, one of ``languages`` (the
+    task's prompt languages) when given: another code would be served by the English prompt
+    under a name it does not have (and a learned head's rules per language would not apply).
 
     Raises:
-        InvalidInputError: not ``auto`` or a code such as ``en`` or ``zh``.
+        InvalidInputError: not ``auto`` or a code such as ``en`` or ``zh``; not one of ``languages``.
     """
     if not isinstance(value, str) or not re.fullmatch(r"auto|[a-z]{2,3}(-[A-Za-z0-9]+)?", value):
         raise InvalidInputError("lang must be 'auto' or a language code such as 'en' or 'zh'", param="lang")
+    if languages and value != "auto" and value not in languages:
+        raise InvalidInputError(f"lang {value!r}: this task's prompts are in {', '.join(languages)} (or use 'auto')",
+                                param="lang")
     return detect_lang(text) if value == "auto" and isinstance(text, str) else ("en" if value == "auto" else value)
 
 
@@ -147,7 +152,7 @@ class TaskKind:
 
     def _request(self, spec: "TaskSpec", text: str, params: dict[str, Any], limits: Limits,
                  history: tuple[Message, ...]) -> Request:
-        return Request(lang=resolve_lang(params.get("lang", spec.defaults.lang), text),
+        return Request(lang=resolve_lang(params.get("lang", spec.defaults.lang), text, spec.languages()),
                        max_input_tokens=limits.max_input_tokens, history=history)
 
     def compile(self, spec: "TaskSpec", req: Request, layout: str = "single",
