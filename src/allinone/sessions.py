@@ -47,8 +47,10 @@ CREATE TABLE IF NOT EXISTS messages (
 CREATE INDEX IF NOT EXISTS messages_by_session ON messages (session_id, id);
 """
 
-#: what a session id may look like: 1-128 of letters, digits, '.', '_', ':', '-'
-SESSION_ID_PATTERN = r"^[A-Za-z0-9._:-]{1,128}$"
+#: what a session id may look like: 1-128 of letters, digits, '.', '_', ':', '-', not starting
+#: with '.' (HTTP clients normalize the paths ``/v1/sessions/.`` and ``/..``: such a session
+#: could be created but not read or deleted)
+SESSION_ID_PATTERN = r"^[A-Za-z0-9_:-][A-Za-z0-9._:-]{0,127}$"
 _SESSION_ID = re.compile(SESSION_ID_PATTERN)
 
 

@@ -112,6 +112,8 @@ def test_create_session_route(client):
     assert named["id"] == "named"
     assert_error(client.post("/v1/sessions", json={"session_id": "named"}), 409, "session_exists", param="session_id")
     assert_error(client.post("/v1/sessions", json={"session_id": "bad id!"}), 400, param="session_id")
+    for dots in (".", "..", ".x"):  # an HTTP client normalizes /v1/sessions/.. away: never readable
+        assert_error(client.post("/v1/sessions", json={"session_id": dots}), 400, param="session_id")
     assert_error(client.get("/v1/sessions/bad%20id"), 400, param="session_id")
 
 

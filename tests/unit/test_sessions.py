@@ -81,7 +81,7 @@ def test_create_gives_random_ids_and_refuses_a_taken_one(store):
     assert store.get("mine").messages == []
 
 
-@pytest.mark.parametrize("bad", ["", "a" * 129, "has space", "../etc", "semi;colon", None, 5])
+@pytest.mark.parametrize("bad", ["", "a" * 129, "has space", "../etc", "semi;colon", None, 5, ".", "..", ".hidden"])
 def test_malformed_session_ids_are_rejected(store, bad):
     with pytest.raises(InvalidInputError):
         store.history(bad)
