@@ -36,6 +36,12 @@ def test_labels_the_model_would_not_say_carry_a_warning():
     assert make(FakeBackend(label_logps={"negative": -0.1})).sentiment("cold soup").warning is None
 
 
+@pytest.mark.parametrize("labels", [["A", "A"], ["positive", "negative", "positive "], "a, b, a"])
+def test_labels_that_name_one_label_twice_are_refused(labels):
+    with pytest.raises(InvalidInputError, match="labels has duplicates"):
+        make(FakeBackend()).run("sentiment", "fine", labels=labels)
+
+
 @pytest.mark.parametrize("text", ["", "   ", "\n\t ", "\x00\x00", "\u200b", "\ufeff \u200b", None, 42])
 def test_empty_or_non_text_input_is_rejected_without_a_model_call(text):
     backend = FakeBackend()

@@ -73,7 +73,7 @@ def named_list(value: Any, param: str) -> tuple[tuple[str, str], ...]:
     names = [n for n, _ in items]
     if not items or any(not isinstance(n, str) or not n.strip() for n in names):
         raise InvalidInputError(f"{param} must be a non-empty list of non-empty strings", param=param)
-    if len(set(names)) != len(names):
+    if len({n.strip() for n in names}) != len(names):  # "positive" and "positive " are one name
         raise InvalidInputError(f"{param} has duplicates", param=param)
     if len(items) > 200:
         raise InvalidInputError(f"{param}: at most 200 entries", param=param)
