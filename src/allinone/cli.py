@@ -479,7 +479,7 @@ def fit(
 def eval_task(
     task: Annotated[str, typer.Argument(help="the task's name, e.g. sentiment, sentiment3, intent, ner, keywords")],
     data: Annotated[Path, typer.Option("--data", "-d", help="JSONL with 'text' and 'label' / 'entities' / 'keywords'")],
-    limit: Annotated[Optional[int], typer.Option(help="only the first N rows")] = None,
+    limit: Annotated[Optional[int], typer.Option(min=1, help="only the first N rows")] = None,
     labels: Annotated[Optional[str], typer.Option(help="classify: the label set, comma-separated or a file (default: the task's, else the data's)")] = None,
     types: Annotated[Optional[str], typer.Option(help="span tasks: the types, comma-separated (default: the data's)")] = None,
     lang: Annotated[Optional[str], typer.Option(help="prompt language: auto, en, zh ...")] = None,

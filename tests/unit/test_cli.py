@@ -113,7 +113,8 @@ def test_batch_refuses_a_chunk_size_below_one_before_loading_or_writing(tmp_path
 
 
 @pytest.mark.parametrize("argv", [["nosuch"], ["sentiment", "--nosuch", "x"], ["chat", "--temperature", "abc", "hi"],
-                                  ["run"], ["serve", "--port", "abc"], ["eval", "sentiment"]])
+                                  ["run"], ["serve", "--port", "abc"], ["eval", "sentiment"],
+                                  ["eval", "chat", "--data", "emotional", "--limit", "0"]])
 def test_wrong_usage_is_one_line_and_exit_2(argv, capsys):
     """The ``allinone`` command (``main``), as the console script runs it: click's usage errors
     came in a 5-line box (a fresh user's finding); the README promises one line."""
