@@ -121,6 +121,15 @@ def test_content_as_a_list_of_text_parts_equals_the_joined_string(client):
     assert as_parts["choices"][0]["message"]["content"] == REPLY
 
 
+def test_what_openai_clients_send_and_openai_accepts_is_accepted(client):
+    body = {"messages": [user()], "max_tokens": 4}
+    for extra in ({"stream": None}, {"store": False}, {"metadata": {"run": "a"}}, {"user": "u1"}):
+        expect(client.post(CHAT, json={**body, **extra}), 200)
+    # as OpenAI: stream options without a stream are a mistake
+    expect(client.post(CHAT, json={**body, "stream_options": {"include_usage": True}}), 400, param="stream_options")
+    still_healthy(client)
+
+
 @pytest.mark.parametrize("messages", [
     pytest.param([], id="no-messages"),
     pytest.param([{"role": "system", "content": "only system"}], id="no-user-message"),

@@ -90,9 +90,11 @@ class ChatCompletionRequest(Sampling):
     messages: list[ChatMessage] = Field(..., min_length=1)
     max_completion_tokens: StrictInt | None = Field(None, description="OpenAI's newer name for max_tokens")
     n: StrictInt | None = 1
-    stream: StrictBool = False
+    stream: StrictBool | None = False
     stream_options: StreamOptions | None = None
     user: str | None = Field(None, description="ignored")
+    store: StrictBool | None = Field(None, description="ignored: nothing is stored")
+    metadata: dict[str, str] | None = Field(None, description="ignored")
     # Accepted only at their neutral value, so clients that always send them keep working.
     presence_penalty: StrictFloat | None = None
     frequency_penalty: StrictFloat | None = None
@@ -112,6 +114,8 @@ class ChatCompletionRequest(Sampling):
                 non-text response format, or ``max_tokens`` and ``max_completion_tokens`` that
                 disagree.
         """
+        if self.stream_options is not None and not self.stream:
+            raise InvalidInputError("stream_options is only allowed when stream is true", param="stream_options")
         if self.n is not None and self.n != 1:
             raise InvalidInputError(f"only n=1 is supported, got n={self.n}", param="n")
         for name in ("presence_penalty", "frequency_penalty"):
