@@ -7,7 +7,17 @@
 """
 
 from .api import AllInOne
-from .errors import AllInOneError, InvalidInputError, ModelSourceError, TaskDeclarationError, UnknownTaskError
+from .errors import (
+    AllInOneError,
+    BackendUnavailableError,
+    InvalidInputError,
+    ModelSourceError,
+    OverloadedError,
+    RequestTimeoutError,
+    TaskDeclarationError,
+    TrainingDataError,
+    UnknownTaskError,
+)
 from .results import (
                       AnalyzeResult,
                       ChatChunk,
@@ -23,8 +33,9 @@ from .tasks import TaskRegistry, TaskSpec
 from .types import SamplingParams
 
 __all__ = [
-    "AllInOne", "AllInOneError", "AnalyzeResult", "ChatChunk", "ChatResult", "ClassifyResult", "ExtractResult",
-    "InvalidInputError", "ModelSourceError", "SamplingParams", "SentimentResult", "Settings", "TaskDeclarationError",
-    "TaskRegistry", "TaskResult", "TaskSpec", "UnknownTaskError", "Usage",
+    "AllInOne", "AllInOneError", "AnalyzeResult", "BackendUnavailableError", "ChatChunk", "ChatResult",
+    "ClassifyResult", "ExtractResult", "InvalidInputError", "ModelSourceError", "OverloadedError",
+    "RequestTimeoutError", "SamplingParams", "SentimentResult", "Settings", "TaskDeclarationError",
+    "TaskRegistry", "TaskResult", "TaskSpec", "TrainingDataError", "UnknownTaskError", "Usage",
 ]
 __version__ = "0.1.0"
