@@ -265,7 +265,7 @@ class LlamaCppBackend(Backend):
                 rc = lib.llama_decode(ctx, batch)
                 # 1: no free cells for the batch. llama.cpp finds room for every micro-batch before
                 # it writes anything, so the batch can be retried once idle sequences are evicted.
-                while rc == 1 and ctx == self._ctx.ctx and self.kv.evict_one(keep=entries):
+                while rc == 1 and ctx is self._ctx.ctx and self.kv.evict_one(keep=entries):
                     self._states.start(layers)
                     rc = lib.llama_decode(ctx, batch)
                 captured = self._states.stop()
