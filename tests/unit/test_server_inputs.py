@@ -77,6 +77,17 @@ def test_a_lang_the_task_has_no_prompt_in_is_400(client, route, lang):
     still_healthy(client)
 
 
+def test_stream_on_the_generic_task_route_is_400_not_500(tmp_path):
+    app, _, ai = fake_app(tmp_path)
+    ai.register_task({"name": "haiku", "kind": "generate", "template": {"en": "A haiku about {text}."},
+                      "instructions": {"en": "You write haiku."}})
+    with TestClient(app, raise_server_exceptions=False) as c:
+        expect(c.post("/v1/tasks/haiku", json={"text": "sea", "stream": True}), 400, param="stream")
+        assert expect(c.post("/v1/tasks/haiku", json={"text": "sea", "stream": False}), 200)["text"]
+        assert expect(c.post("/v1/tasks/haiku", json={"text": "sea"}), 200)["finish_reason"]
+    ai.close()
+
+
 # -- malformed bodies --------------------------------------------------------------------------
 @pytest.mark.parametrize("route", ["/v1/tasks/sentiment", "/v1/tasks/analyze", CHAT])
 @pytest.mark.parametrize("raw,hint", [

@@ -112,6 +112,9 @@ async def run_task(name: str, request: Request, body: dict[str, Any] = Body(...)
     text = params.pop("text", None)
     if not isinstance(text, str):
         raise InvalidInputError("the body needs a 'text' string", param="text")
+    if params.pop("stream", False) is not False:  # a generator has no JSON form (was a 500)
+        raise InvalidInputError("this route answers with the whole result; for a streamed reply use "
+                                "/v1/chat/completions (or ai.run(..., stream=True) in Python)", param="stream")
     async with admitted(server):
         result = await blocking(lambda: ai.run(name, text, **params))
     return {"object": "task.result", "task": name, "model": ai.model_id, **result.to_dict()}
