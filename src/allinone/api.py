@@ -449,11 +449,7 @@ class AllInOne:
         if not self.settings.learned:
             self._artifacts[spec.name] = (id(spec), None, "learned artifacts are off (learned=false): prompting")
             return None, self._artifacts[spec.name][2]
-        artifact, note = self.artifacts.lookup(spec.name, self.model_sha256)
-        fit_on = artifact.meta.get("prompt_sha256") if artifact is not None else None
-        if fit_on is not None and fit_on != spec.prompt_sha256():
-            artifact, note = None, (f"{artifact.path} was fit on another version of the task's prompt (instructions, "
-                                    "template, question, labels or examples changed since): prompting; fit it again")
+        artifact, note = self.artifacts.lookup(spec.name, self.model_sha256, spec.prompt_sha256())
         if note and artifact is None and self.model_sha256 is not None:
             log.warning("task %s: %s", spec.name, note)
         self._artifacts[spec.name] = (id(spec), artifact, note)

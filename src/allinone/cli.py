@@ -383,7 +383,7 @@ def tasks(as_json: JsonOpt = False, options: Optional[dict] = None) -> None:
     sha = resolve_model(settings.model, cache_dir=settings.cache_dir).fingerprint()
     rows = []
     for spec in registry:
-        artifact, note = store.lookup(spec.name, sha)
+        artifact, note = store.lookup(spec.name, sha, spec.prompt_sha256())
         row = {**registry.describe(spec.name), "method": artifact.method if artifact else "prompt",
                "learned": artifact.summary() if artifact else None}
         if note:

@@ -241,6 +241,12 @@ def test_a_task_fit_from_the_cli_is_served_over_http_with_what_it_learned(tiny_a
         served = client.post("/v1/tasks/animal", json={"text": text}).json()
     ai._forget("animal")
     assert served["scores"] == pytest.approx(ai.run("animal", text).scores, abs=1e-4)
+    # the task's prompt edited after the fit: the listing says it prompts, as serving does
+    declared = tmp / "tasks" / "animal.toml"
+    declared.write_text(declared.read_text().replace("Which animal is named", "Name the animal"))
+    listed = CliRunner().invoke(app, ["tasks", "--json", *model])
+    row = next(r for r in json.loads(listed.stdout) if r["name"] == "animal")
+    assert row["method"] == "prompt" and "another version of the task's prompt" in row["note"]
 
 
 def test_training_phrasings_are_not_the_evaluations():

@@ -157,7 +157,8 @@ def run_on_ray(task: str, input: str | Path, output: str | Path, *, settings: Se
     kind_of(spec).request(spec, "x", params, Limits(max_input_tokens=settings.max_input_tokens,
                                                     max_tokens_limit=settings.max_tokens_limit))
     model = resolve_model(settings.model, cache_dir=settings.cache_dir).fingerprint()
-    artifact, _ = ArtifactStore(settings.cache_dir or default_cache_dir(), settings.tasks_dir).lookup(task, model)
+    artifact, _ = ArtifactStore(settings.cache_dir or default_cache_dir(), settings.tasks_dir).lookup(
+        task, model, spec.prompt_sha256())
     job = Job(task, params, Columns.for_task(registry.describe(task), params), source, chunk_rows)
     stats = source.scan()
     identity = job_identity(job, stats, spec=spec, learned=artifact.summary() if artifact else None,

@@ -186,15 +186,21 @@ class ArtifactStore:
         keys.discard(model_key(sha256))
         return sorted(keys)
 
-    def lookup(self, task: str, sha256: str | None) -> tuple[Artifact | None, str | None]:
+    def lookup(self, task: str, sha256: str | None, prompt_sha256: str | None = None) -> tuple[Artifact | None, str | None]:
         """The artifact serving ``task`` on the model ``sha256`` (or None), and a note saying why
-        the task prompts when an artifact exists but cannot serve (unreadable, another model)."""
+        the task prompts when an artifact exists but cannot serve (unreadable, another model, or
+        fit on another version of the task's prompt than ``prompt_sha256``: a head reads the
+        states of the prompt it was fit on). The one rule every surface asks."""
         if sha256 is None:
             return None, "the model has no SHA-256 (built in memory): prompting"
         try:
             artifact = self.find(task, sha256)
         except ArtifactError as exc:
             return None, f"{exc.message}: prompting"
+        fit_on = artifact.meta.get("prompt_sha256") if artifact is not None else None
+        if fit_on is not None and prompt_sha256 is not None and fit_on != prompt_sha256:
+            return None, (f"{artifact.path} was fit on another version of the task's prompt (instructions, "
+                          "template, question, labels or examples changed since): prompting; fit it again")
         if artifact is not None:
             return artifact, None
         others = self.others(task, sha256)
