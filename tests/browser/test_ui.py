@@ -44,7 +44,7 @@ def browser():
 
 
 def test_chat_shows_sentiment_and_streamed_reply(browser, tmp_path):
-    backend = FakeBackend(REPLY, label_logps={"positive": -0.05, "negative": -3.0}, step_delay=0.01)
+    backend = FakeBackend(REPLY, label_logps={"positive": -0.05, "negative": -3.0}, step_delay=0.05)
     app, _, ai = fake_app(tmp_path, backend, ui=True)
     with live_server(app) as url:
         page = browser.new_page(viewport={"width": 1100, "height": 900})
@@ -55,7 +55,10 @@ def test_chat_shows_sentiment_and_streamed_reply(browser, tmp_path):
         page.locator("#send").click()
         chat = page.locator("#chat")
         chat.get_by_text("😊 positive").wait_for(timeout=WAIT_MS)  # the badge under the user's message
+        box.fill("a next message, typed while the reply streams")
         chat.get_by_text("you earned it.").wait_for(timeout=WAIT_MS)  # the whole reply has streamed in
+        page.wait_for_timeout(300)
+        assert box.input_value() == "a next message, typed while the reply streams"  # was wiped by each update
         assert MESSAGE in chat.inner_text()
         assert "positive" in page.locator("#sentiment").inner_text()  # the probabilities panel
         assert "generate" in backend.calls

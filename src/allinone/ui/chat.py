@@ -71,7 +71,8 @@ class ChatHandlers:
         """Label ``message``, then stream the reply.
 
         Yields ``(textbox, shown messages, label scores)`` updates: first the user's message with
-        its sentiment badge and an empty reply, then the reply as it grows. The model sees the
+        its sentiment badge and an empty reply (the textbox emptied), then the reply as it grows
+        (the textbox untouched, so a next message typed meanwhile stays). The model sees the
         conversation the page shows (:func:`model_view`).
 
         Raises:
@@ -97,7 +98,8 @@ class ChatHandlers:
             for chunk in chunks:
                 reply += chunk.text
                 shown = [*shown[:-1], {"role": "assistant", "content": reply}]  # a new list per update
-                yield "", shown, scores
+                # the box is left alone: what the user types meanwhile is their next message
+                yield gr.skip(), shown, scores
         except AllInOneError as exc:
             raise gr.Error(exc.message) from None
         finally:
