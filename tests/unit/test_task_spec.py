@@ -66,6 +66,9 @@ def test_a_good_file_parses(tmp_path):
      'the root must have type "object"'),
     ('name = "x"\nkind = "generate"\ninstructions.en = "hi"\n[[labels]]\nname = "a"\n', "only a classify task has it"),
     ('name = "x"\nkind = "classify"\ninstructions.en = "hi"\n[[labels]]\nname = "a"\n[[labels]]\nname = "a"\n', "names must be unique"),
+    ('name = "x"\nkind = "classify"\ninstructions.en = "hi"\n[[labels]]\nname = "only"\n', "labels: declare at least two"),
+    ('name = "x"\nkind = "classify"\ninstructions.en = "hi"\n[[labels]]\nname = "a"\nverbalizers = ["yes"]\n'
+     '[[labels]]\nname = "b"\nverbalizers = ["yes"]\n', "labels: 'a' and 'b' both answer 'yes'"),
 ])
 def test_invalid_declarations_name_the_file_and_the_field(tmp_path, text, needle):
     path = write(tmp_path, text)

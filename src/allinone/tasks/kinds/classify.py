@@ -130,6 +130,13 @@ class ClassifyKind(TaskKind):
 
     def check_spec(self, spec: "TaskSpec") -> None:
         names = [lab.name for lab in spec.labels]
+        if len(names) == 1:  # every request would fail with "give at least two"
+            raise ValueError("labels: declare at least two (or none, and give them per request)")
+        said: dict[str, str] = {}
+        for lab in spec.labels:  # a word two labels share scores both the same: a tie on every text
+            for word in lab.words():
+                if said.setdefault(word, lab.name) != lab.name:
+                    raise ValueError(f"labels: {said[word]!r} and {lab.name!r} both answer {word!r}")
         for i, ex in enumerate(spec.examples):
             where = f"examples[{i}]"
             if ex.label is None or ex.output is not None:
