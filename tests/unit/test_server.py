@@ -63,6 +63,19 @@ def test_sentiment_route_takes_the_tasks_parameters_as_the_python_api_does(clien
     assert_error(client.post("/v1/tasks/sentiment", json={"text": "hi", "temperature": 0.5}), 400)
 
 
+def test_analyze_runs_several_tasks_on_one_text_as_the_python_api_does(client):
+    tasks = {"sentiment": {}, "intent": {"labels": ["PlayMusic", "GetWeather"]}}
+    body = client.post("/v1/tasks/analyze", json={"text": "will it rain in Paris", "tasks": tasks}).json()
+    assert body["object"] == "analysis" and list(body["results"]) == ["sentiment", "intent"]
+    assert set(body["results"]["intent"]["scores"]) == {"PlayMusic", "GetWeather"}
+    listed = client.post("/v1/tasks/analyze", json={"text": "will it rain in Paris", "tasks": ["sentiment"]}).json()
+    assert listed["results"]["sentiment"] == body["results"]["sentiment"]
+    assert_error(client.post("/v1/tasks/analyze", json={"text": "hi", "tasks": ["sentiment"], "session_id": "s1"}),
+                 400, param="session_id")
+    assert_error(client.post("/v1/tasks/analyze", json={"text": "hi", "tasks": []}), 400, param="tasks")
+    assert client.post("/v1/tasks/analyze", json={"text": "hi", "tasks": ["nosuch"]}).status_code == 404
+
+
 def test_analyze_gives_sentiment_and_reply(client):
     body = client.post("/v1/tasks/analyze", json={"text": "I got the job!", "max_tokens": 64}).json()
     assert body["object"] == "analysis" and body["session_id"] is None

@@ -64,6 +64,14 @@ class ChatTaskRequest(Sampling):
     system: str | None = Field(None, description="a system prompt for this request (not stored)")
 
 
+class AnalyzeRequest(ChatTaskRequest):
+    """``/v1/tasks/analyze``: the original demo, or with ``tasks`` several tasks on one text (as
+    ``ai.analyze(text, tasks=...)`` and ``allinone analyze -t``)."""
+
+    tasks: list[str] | dict[str, dict[str, Any]] | None = Field(
+        None, description="task names, or name -> that task's parameters; omitted: sentiment + a reply")
+
+
 class ChatMessage(BaseModel):
     """An OpenAI chat message. Extra keys an OpenAI client echoes back (``refusal``,
     ``annotations``...) are ignored; roles and content are validated by the API."""

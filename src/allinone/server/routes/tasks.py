@@ -15,7 +15,7 @@ from fastapi import APIRouter, Body, Request
 from ...errors import InvalidInputError
 from ...results import ChatResult, ClassifyResult
 from ..deps import admitted, blocking, server_state
-from ..schemas import ChatTaskRequest, SentimentRequest, TextRequest
+from ..schemas import AnalyzeRequest, ChatTaskRequest, SentimentRequest, TextRequest
 from ..state import ServerState
 from ..streaming import ChunkStream, collect
 
@@ -38,14 +38,25 @@ async def sentiment(body: SentimentRequest, request: Request) -> dict[str, Any]:
 
 
 @router.post("/tasks/analyze")
-async def analyze(body: ChatTaskRequest, request: Request) -> dict[str, Any]:
+async def analyze(body: AnalyzeRequest, request: Request) -> dict[str, Any]:
     """The sentiment of ``text`` plus a reply to it (the original demo).
 
     Returns ``{"object": "analysis", "model", "session_id", "sentiment": {...},
-    "reply": {"text", "finish_reason", "usage", "truncated"}}``.
+    "reply": {"text", "finish_reason", "usage", "truncated"}}``. With ``tasks`` (names, or
+    name -> parameters): ``{"object": "analysis", "model", "results": {name: result}}``, every
+    task on the one text as ``ai.analyze(text, tasks=...)`` runs them (no session: nothing of
+    it is a conversation turn to store).
     """
     server = server_state(request)
     ai = server.require_ai()
+    if body.tasks is not None:
+        for name in ("session_id", "system"):
+            if getattr(body, name) is not None:
+                raise InvalidInputError(f"{name} goes with the default analyze, not with tasks "
+                                        "(give a generate task its system prompt in its parameters)", param=name)
+        async with admitted(server):
+            done = await blocking(lambda: ai.analyze(body.text, tasks=body.tasks, **body.sampling()))
+        return {"object": "analysis", "model": ai.model_id, **done.to_dict()}
     async with admitted(server):
         history = await _history(server, body.session_id)
         result, chunks = await blocking(lambda: ai.analyze_stream(body.text, history, system=body.system,
