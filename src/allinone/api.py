@@ -400,7 +400,7 @@ class AllInOne:
         return hit[1]
 
     def chat(self, messages: str | Sequence[dict[str, Any]], *, stream: bool = False,
-             system: str | None = None, timeout: float | None = DEFAULT,
+             system: str | None = None, timeout: float | None = DEFAULT, cut: bool = True,
              **sampling: Any) -> ChatResult | Iterator[ChatChunk]:
         """Reply to a conversation.
 
@@ -408,13 +408,20 @@ class AllInOne:
             messages: a string (one user message) or a list of ``{"role", "content"}``.
             stream: return an iterator of :class:`ChatChunk` instead of a :class:`ChatResult`.
             system: an optional system prompt, put first.
+            cut: a conversation that does not fit the context window (with room for
+                ``max_tokens``, at most half the window) loses its oldest turns, then the end
+                of its last message, and the result says ``truncated``; ``False``: it is kept
+                whole, the reply gets the room left (finish reason ``length`` when it runs
+                out), and one that leaves no room is refused (``ContextLengthError``).
             **sampling: ``temperature`` (0 = greedy), ``top_p``, ``top_k``, ``max_tokens``,
                 ``seed``, ``stop``, ``repetition_penalty``.
 
         Raises:
             InvalidInputError: bad messages or sampling values.
+            ContextLengthError: with ``cut=False``, a conversation that does not fit (raised
+                by the stream, before its first chunk).
         """
-        request = self._chat_request(messages, system, sampling)
+        request = self._chat_request(messages, system, sampling, cut=cut)
         chunks = self._reply(request, timeout)
         return chunks if stream else ChatResult.from_chunks(chunks)
 
@@ -684,7 +691,7 @@ class AllInOne:
         return ChatProfile.from_spec(self.tasks.get("chat")) if "chat" in self.tasks else None
 
     def _chat_request(self, messages: Any, system: str | None, sampling: Mapping[str, Any],
-                      mood: str | None = None) -> ChatRequest:
+                      mood: str | None = None, cut: bool = True) -> ChatRequest:
         options = {k: v for k, v in sampling.items() if v is not None}
         options.setdefault("max_tokens", self.settings.default_max_tokens)
         max_tokens = options["max_tokens"]
@@ -692,7 +699,7 @@ class AllInOne:
         if isinstance(max_tokens, int) and not isinstance(max_tokens, bool) and max_tokens > self.settings.max_tokens_limit:
             raise InvalidInputError(f"max_tokens must be at most {self.settings.max_tokens_limit}", param="max_tokens")
         request = ChatRequest.build(messages, system=system, sampling=SamplingParams.from_options(options),
-                                    profile=self._chat_profile(), mood=mood)
+                                    profile=self._chat_profile(), mood=mood, cut=cut)
         for m in request.messages:
             if len(m["content"]) > self.settings.max_input_chars:
                 raise InvalidInputError(f"a message is longer than {self.settings.max_input_chars} characters",

@@ -29,6 +29,13 @@ class InvalidInputError(AllInOneError):
     error_type = "invalid_request_error"
 
 
+class ContextLengthError(InvalidInputError):
+    """A conversation does not fit the context window and the caller asked not to cut it (the
+    OpenAI route, as OpenAI answers ``context_length_exceeded``)."""
+
+    code = "context_length_exceeded"
+
+
 class SessionExistsError(InvalidInputError):
     """A session with the id asked for already exists (HTTP 409, as for any create that conflicts)."""
 

@@ -88,6 +88,18 @@ def test_stream_on_the_generic_task_route_is_400_not_500(tmp_path):
     ai.close()
 
 
+def test_a_conversation_over_the_context_is_refused_by_the_openai_route_not_cut(client):
+    """As OpenAI answers: 400 context_length_exceeded (it was cut silently, the end of the last
+    message dropped, and the response could not say so). One that fits but leaves less than
+    max_tokens is answered whole, its reply capped by the room left."""
+    error = expect(client.post(CHAT, json={"messages": [user("x" * 5000)]}), 400, param="messages")["error"]
+    assert error["code"] == "context_length_exceeded" and "4096" in error["message"]
+    history = [user("a" * 1500), {"role": "assistant", "content": "ok"}, user("b" * 2000)]
+    body = expect(client.post(CHAT, json={"messages": history, "max_tokens": 1024}), 200)
+    assert body["usage"]["prompt_tokens"] > 3500  # every turn kept: the oldest would have gone
+    still_healthy(client)
+
+
 # -- malformed bodies --------------------------------------------------------------------------
 @pytest.mark.parametrize("route", ["/v1/tasks/sentiment", "/v1/tasks/analyze", CHAT])
 @pytest.mark.parametrize("raw,hint", [

@@ -67,6 +67,10 @@ class Prompt:
     split_chars: bool = False
     natural_copies: bool = False
     reply_prefix: str = ""
+    #: conversations: when it does not fit, drop the oldest turns, then cut the last message
+    #: (``True``); or keep it whole, the reply getting the room left, and refuse one that
+    #: leaves none with :class:`~allinone.errors.ContextLengthError` (``False``)
+    cut: bool = True
 
     def __post_init__(self) -> None:
         if isinstance(self.messages, list):

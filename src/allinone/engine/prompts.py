@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from ..errors import InvalidInputError
+from ..errors import ContextLengthError, InvalidInputError
 from .jobs import TEXT_SLOT, Prompt, PromptInfo
 
 if TYPE_CHECKING:
@@ -142,6 +142,11 @@ def _fit_conversation(backend: "Backend", prompt: Prompt, reserve: int, share: b
 
     ids = render(msgs)
     truncated = False
+    if not prompt.cut:  # whole or not at all; the reply gets the room left (max_tokens capped)
+        if len(ids) + 1 > budget:
+            raise ContextLengthError(f"the conversation is {len(ids)} tokens; the context window is "
+                                     f"{backend.n_ctx}: shorten the messages", param="messages")
+        return Fitted(ids, PromptInfo(len(ids), False), [])
     while len(ids) + keep > budget and sum(m["role"] != "system" for m in msgs) > 1:
         drop = next(i for i, m in enumerate(msgs) if m["role"] != "system")
         del msgs[drop]

@@ -27,11 +27,13 @@ class ChatRequest:
 
     messages: tuple[dict[str, str], ...]
     sampling: SamplingParams
+    #: a conversation too long for the context is cut (``True``) or refused (see ``Prompt.cut``)
+    cut: bool = True
 
     @classmethod
     def build(cls, messages: str | Sequence[dict[str, Any]], *, system: str | None = None,
               sampling: SamplingParams | None = None, profile: "ChatProfile | None" = None,
-              mood: str | None = None, lang: str | None = None) -> "ChatRequest":
+              mood: str | None = None, lang: str | None = None, cut: bool = True) -> "ChatRequest":
         """Validate the input at the edge.
 
         Raises:
@@ -52,12 +54,12 @@ class ChatRequest:
             raise InvalidInputError("the last user message is empty", param="messages")
         if profile is not None:
             msgs = profile.apply(msgs, mood, lang)
-        return cls(tuple(msgs), sampling or SamplingParams())
+        return cls(tuple(msgs), sampling or SamplingParams(), cut)
 
     def job(self, reply_prefix: str = "") -> GenerateJob:
         """The engine's job for this conversation (``reply_prefix``: the reply's first words,
         already written; the model continues from them)."""
-        return GenerateJob(Prompt(messages=self.messages, reply_prefix=reply_prefix), self.sampling)
+        return GenerateJob(Prompt(messages=self.messages, reply_prefix=reply_prefix, cut=self.cut), self.sampling)
 
     @property
     def last_user(self) -> str:

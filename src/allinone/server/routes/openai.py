@@ -44,7 +44,9 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> dic
     messages = [m.to_message() for m in body.messages]
     slot = Slot(server)
     try:
-        stream = ChunkStream(ai.chat(messages, stream=True, **sampling))
+        # as OpenAI: a conversation that does not fit is refused (400 context_length_exceeded),
+        # not answered from a cut prompt the response could not say was cut
+        stream = ChunkStream(ai.chat(messages, stream=True, cut=False, **sampling))
     except BaseException:
         slot.release()
         raise
