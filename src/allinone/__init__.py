@@ -10,6 +10,7 @@ from .api import AllInOne
 from .errors import (
     AllInOneError,
     BackendUnavailableError,
+    ContextLengthError,
     InvalidInputError,
     ModelSourceError,
     OverloadedError,
@@ -33,7 +34,7 @@ from .tasks import TaskRegistry, TaskSpec
 from .types import SamplingParams
 
 __all__ = [
-    "AllInOne", "AllInOneError", "AnalyzeResult", "BackendUnavailableError", "ChatChunk", "ChatResult",
+    "AllInOne", "AllInOneError", "AnalyzeResult", "BackendUnavailableError", "ChatChunk", "ChatResult", "ContextLengthError",
     "ClassifyResult", "ExtractResult", "InvalidInputError", "ModelSourceError", "OverloadedError",
     "RequestTimeoutError", "SamplingParams", "SentimentResult", "Settings", "TaskDeclarationError",
     "TaskRegistry", "TaskResult", "TaskSpec", "TrainingDataError", "UnknownTaskError", "Usage",
