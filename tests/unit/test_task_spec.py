@@ -67,6 +67,7 @@ def test_a_good_file_parses(tmp_path):
     ('name = "x"\nkind = "generate"\ninstructions.en = "hi"\n[[labels]]\nname = "a"\n', "only a classify task has it"),
     ('name = "x"\nkind = "classify"\ninstructions.en = "hi"\n[[labels]]\nname = "a"\n[[labels]]\nname = "a"\n', "names must be unique"),
     ('name = "x"\nkind = "classify"\ninstructions.en = "hi"\n[[labels]]\nname = "only"\n', "labels: declare at least two"),
+    (GOOD.replace("Answer {labels}.", "Answer {labelz}."), "instructions.en: unknown placeholder {labelz}"),
     ('name = "x"\nkind = "classify"\ninstructions.en = "hi"\n[[labels]]\nname = "a"\nverbalizers = ["yes"]\n'
      '[[labels]]\nname = "b"\nverbalizers = ["yes"]\n', "labels: 'a' and 'b' both answer 'yes'"),
 ])

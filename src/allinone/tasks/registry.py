@@ -11,6 +11,7 @@ overrides the built-in), except that two files of one folder may not declare the
 
 from __future__ import annotations
 
+import re
 import threading
 import tomllib
 from collections.abc import Iterator, Mapping
@@ -25,6 +26,10 @@ from .kinds import KINDS, kind_of
 from .spec import TaskSpec, format_errors
 
 BUILTIN_TASKS = ("sentiment", "sentiment3", "intent", "ner", "keywords", "chat")
+
+#: what a declaration's instructions, question and template may name in braces
+PLACEHOLDERS = ("text", "text_json", "labels", "label_list", "types", "type_list")
+_PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
 def check_spec(spec: TaskSpec) -> TaskSpec:
@@ -41,6 +46,12 @@ def check_spec(spec: TaskSpec) -> TaskSpec:
             if getattr(spec, name) not in (None, [], {}):
                 owners = " / ".join(k.name for k in KINDS.values() if name in k.fields)
                 raise ValueError(f"{name}: only a {owners} task has it (this one is {spec.kind})")
+        for field in ("instructions", "question", "template"):
+            for lang, text in (getattr(spec, field, None) or {}).items():
+                for name in _PLACEHOLDER.findall(text):
+                    if name not in PLACEHOLDERS:  # it would reach the model as written
+                        raise ValueError(f"{field}.{lang}: unknown placeholder {{{name}}} "
+                                         f"(known: {', '.join('{' + p + '}' for p in PLACEHOLDERS)})")
         kind.check_spec(spec)
     except ValueError as exc:
         raise TaskDeclarationError(f"{spec.source}: {exc}") from None
