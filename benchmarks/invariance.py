@@ -9,8 +9,9 @@ prompting with ``learned=False``): the first ``--limit`` texts of the SST-2 and 
 pools, each run alone with ``ai.run``, then all at once with ``ai.run_many``; one JSON line with
 the largest and median absolute difference of a label's probability, how many texts differ by
 more than 1e-3, label changes, and the seconds each way. With prompting, 8 greedy chat replies
-(48 tokens) one by one, then from 8 threads at once: how many are equal. Run it with nothing else
-on the CPU (the times are part of the result); figures are in docs/reliability.md.
+(48 tokens) one by one, then from 8 threads at once, then one by one again: how many are equal.
+Run it with nothing else on the CPU (the times are part of the result); figures are in
+docs/reliability.md.
 
 ``--replies-only``: the harder reply probe instead: 8 prompts that ask for ~100 tokens
 (``max_tokens=96``), after ``--limit`` sentiment texts in a batch; one by one, then 8 at once
@@ -76,40 +77,32 @@ def main() -> None:
                         "label_changes": sum(max(a, key=a.get) != max(b, key=b.get) for a, b in zip(alone, batch)),
                         "alone_s": round(middle - start, 1), "batch_s": round(end - middle, 1)}), flush=True)
                 if not learned:
-                    def reply(prompt: str) -> str:
-                        return ai.chat(prompt, temperature=0, max_tokens=48).text
-
-                    start = time.perf_counter()
-                    one_by_one = [reply(p) for p in PROMPTS]
-                    middle = time.perf_counter()
-                    with cf.ThreadPoolExecutor(len(PROMPTS)) as pool:
-                        at_once = list(pool.map(reply, PROMPTS))
-                    end = time.perf_counter()
-                    print(json.dumps({"mode": mode, "greedy_equal": sum(a == b for a, b in zip(one_by_one, at_once)),
-                                      "of": len(PROMPTS), "alone_s": round(middle - start, 1),
-                                      "together_s": round(end - middle, 1)}), flush=True)
-
+                    print(json.dumps({"mode": mode, **greedy_probe(ai, PROMPTS, 48)}), flush=True)
 
 def replies(args: argparse.Namespace) -> None:
     sentiment = [r["text"] for r in rows("sst2_train.jsonl", args.limit)]
     for mode in args.modes.split(","):
         with AllInOne.load(args.model, backend=args.backend, batch_invariant=mode == "invariant") as ai:
             ai.run_many("sentiment", sentiment)  # other work cached first
+            print(json.dumps({"backend": args.backend, "mode": mode, **greedy_probe(ai, LONG_PROMPTS, 96)}), flush=True)
 
-            def reply(prompt: str) -> str:
-                return ai.chat(prompt, temperature=0, max_tokens=96).text
 
-            start = time.perf_counter()
-            alone = [reply(p) for p in LONG_PROMPTS]
-            middle = time.perf_counter()
-            with cf.ThreadPoolExecutor(len(LONG_PROMPTS)) as pool:
-                at_once = list(pool.map(reply, LONG_PROMPTS))
-            end = time.perf_counter()
-            again = [reply(p) for p in LONG_PROMPTS]
-            print(json.dumps({"backend": args.backend, "mode": mode, "alone_eq_at_once": sum(a == b for a, b in zip(alone, at_once)),
-                              "alone_eq_again": sum(a == b for a, b in zip(alone, again)), "of": len(LONG_PROMPTS),
-                              "alone_s": round(middle - start, 1), "at_once_s": round(end - middle, 1)}), flush=True)
+def greedy_probe(ai: AllInOne, prompts: list[str], max_tokens: int) -> dict:
+    """Greedy replies to ``prompts`` one by one, then from one thread each at once, then one by
+    one again: how many are equal each way, and the seconds of the first two passes."""
+    def reply(prompt: str) -> str:
+        return ai.chat(prompt, temperature=0, max_tokens=max_tokens).text
 
+    start = time.perf_counter()
+    alone = [reply(p) for p in prompts]
+    middle = time.perf_counter()
+    with cf.ThreadPoolExecutor(len(prompts)) as pool:
+        at_once = list(pool.map(reply, prompts))
+    end = time.perf_counter()
+    again = [reply(p) for p in prompts]
+    return {"alone_eq_at_once": sum(a == b for a, b in zip(alone, at_once)),
+            "alone_eq_again": sum(a == b for a, b in zip(alone, again)), "of": len(prompts),
+            "alone_s": round(middle - start, 1), "at_once_s": round(end - middle, 1)}
 
 if __name__ == "__main__":
     main()
