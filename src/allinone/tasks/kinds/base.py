@@ -83,14 +83,18 @@ def named_list(value: Any, param: str) -> tuple[tuple[str, str], ...]:
     return tuple((n.strip(), d) for n, d in items)
 
 
-def resolve_lang(value: Any, text: Any, languages: Sequence[str] = ()) -> str:
-    """``auto`` -> detected from ``text``; else a language code, one of ``languages`` (the
-    task's prompt languages) when given: another code would be served by the English prompt
-    under a name it does not have (and a learned head's rules per language would not apply).
+def resolve_lang(spec: "TaskSpec", params: Mapping[str, Any], text: Any) -> str:
+    """The request's prompt language: ``params["lang"]`` (else the task's default); ``auto`` ->
+    detected from ``text``; else a code the task has prompts in (another code would be served
+    by the English prompt under a name it does not have, and a learned head's rules per
+    language would not apply).
 
     Raises:
-        InvalidInputError: not ``auto`` or a code such as ``en`` or ``zh``; not one of ``languages``.
+        InvalidInputError: not ``auto`` or a code such as ``en`` or ``zh``; not one of the
+            task's languages.
     """
+    value = params.get("lang", spec.defaults.lang)
+    languages = spec.languages()
     if not isinstance(value, str) or not re.fullmatch(r"auto|[a-z]{2,3}(-[A-Za-z0-9]+)?", value):
         raise InvalidInputError("lang must be 'auto' or a language code such as 'en' or 'zh'", param="lang")
     if languages and value != "auto" and value not in languages:
@@ -152,7 +156,7 @@ class TaskKind:
 
     def _request(self, spec: "TaskSpec", text: str, params: dict[str, Any], limits: Limits,
                  history: tuple[Message, ...]) -> Request:
-        return Request(lang=resolve_lang(params.get("lang", spec.defaults.lang), text, spec.languages()),
+        return Request(lang=resolve_lang(spec, params, text),
                        max_input_tokens=limits.max_input_tokens, history=history)
 
     def compile(self, spec: "TaskSpec", req: Request, layout: str = "single",

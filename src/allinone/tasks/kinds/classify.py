@@ -163,7 +163,7 @@ class ClassifyKind(TaskKind):
         calibrate = params.get("calibrate", spec.defaults.calibrate)
         if not isinstance(calibrate, bool):
             raise InvalidInputError("calibrate must be true or false", param="calibrate")
-        return Request(lang=resolve_lang(params.get("lang", spec.defaults.lang), text, spec.languages()), labels=labels,
+        return Request(lang=resolve_lang(spec, params, text), labels=labels,
                        calibrate=calibrate, max_input_tokens=limits.max_input_tokens)
 
     def applies(self, artifact: Artifact | None, req: Request) -> bool:

@@ -166,7 +166,7 @@ class ExtractKind(TaskKind):
                 types = tuple((t, spec.spans.type_descriptions.get(t, "")) for t in spec.spans.types)
         # a penalty on repeated quotes and brackets breaks JSON
         sampling = sampling_from(spec, params, limits, keys=self._sampling, fixed={"repetition_penalty": 1.0})
-        return Request(lang=resolve_lang(params.get("lang", spec.defaults.lang), text, spec.languages()), types=types,
+        return Request(lang=resolve_lang(spec, params, text), types=types,
                        sampling=sampling, max_input_tokens=limits.max_input_tokens)
 
     def applies(self, artifact: Any, req: Request) -> bool:

@@ -39,7 +39,7 @@ class GenerateKind(TaskKind):
         if system is not None:
             check_text(system, "system")
         sampling = sampling_from(spec, params, limits, keys=self._sampling)
-        return Request(lang=resolve_lang(params.get("lang", spec.defaults.lang), text, spec.languages()), sampling=sampling,
+        return Request(lang=resolve_lang(spec, params, text), sampling=sampling,
                        system=system, history=history, max_input_tokens=limits.max_input_tokens)
 
     def compile(self, spec: "TaskSpec", req: Request, layout: str = "single",
