@@ -5,10 +5,10 @@
 Starts the server (embedded model, llama.cpp) on a free port and sends ``--requests`` requests
 from ``--clients`` threads: sentiment, NER, short chats, OpenAI chat completions (some
 streamed, some abandoned by the client after the first chunk), tokenize, bad input (empty text,
-a lone surrogate, a negative seed, malformed JSON) and, one request in 25, a long chat (about
+a lone surrogate, a seed above 2**64-1, malformed JSON) and, one request in 25, a long chat (about
 3,000 tokens). It reports the status codes (a 5xx is a failure), the p50/p99 latency of the short
 requests (sentiment, tokenize) overall and while a long prompt was running, and the server's RSS
-sampled every 100 requests (growth after warm-up, peak). Run it on an idle machine: its
+sampled every 100 requests (growth after warm-up, peak; and by kind of mapping). Run it on an idle machine: its
 latencies are the point.
 """
 
@@ -38,6 +38,29 @@ def rss_mb(pid: int) -> float:
     return float("nan")
 
 
+ARENA_HEAP = 64 * 2**20  # glibc's HEAP_MAX_SIZE on 64-bit
+
+
+def rss_parts_mb(pid: int) -> dict[str, float]:
+    """RSS by kind of mapping (``/proc/PID/smaps``): the GGUF file, glibc's main heap, anonymous
+    mappings (llama.cpp's KV and compute buffers, glibc's thread arenas, numpy), other files
+    (libraries): where a growth comes from."""
+    parts = {"gguf": 0.0, "heap": 0.0, "arenas": 0.0, "anon": 0.0, "files": 0.0}
+    kind = "anon"
+    for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
+        fields = line.split()
+        if fields and "-" in fields[0] and not fields[0].endswith(":"):
+            path = fields[5] if len(fields) > 5 else ""
+            start, end = (int(a, 16) for a in fields[0].split("-"))
+            # a glibc thread arena is a heap of at most 64 MiB that starts on a 64 MiB boundary
+            arena = start % ARENA_HEAP == 0 and end - start <= ARENA_HEAP
+            kind = ("gguf" if path.endswith(".gguf") else "heap" if path == "[heap]"
+                    else ("arenas" if arena else "anon") if not path or path.startswith("[anon") else "files")
+        elif fields and fields[0] == "Rss:":
+            parts[kind] += int(fields[1]) / 1024
+    return {k: round(v) for k, v in parts.items()}
+
+
 def load_texts() -> tuple[list[str], list[str]]:
     def texts(name: str, n: int) -> list[str]:
         with (DATA / name).open(encoding="utf-8") as fh:
@@ -63,12 +86,14 @@ def main() -> None:
     long_running = [0]
     lock = threading.Lock()
     rss: list[tuple[int, float]] = []
+    parts: list[tuple[int, dict[str, float]]] = []
     done = [0]
     rng = random.Random(0)
     plan = [rng.random() for _ in range(args.requests)]
 
     with server(cmd, port, "/health") as (base, proc):
         rss.append((0, rss_mb(proc.pid)))
+        parts.append((0, rss_parts_mb(proc.pid)))
 
         def one(client: httpx.Client, r: float, i: int) -> None:
             text = sentences[i % len(sentences)]
@@ -110,7 +135,7 @@ def main() -> None:
                     bad = [
                         ("/v1/tasks/sentiment", '{"text": ""}'),
                         ("/v1/tasks/sentiment", '{"text": "bad \\ud800 text"}'),
-                        ("/v1/chat/completions", '{"messages": [{"role": "user", "content": "hi"}], "seed": -1}'),
+                        ("/v1/chat/completions", '{"messages": [{"role": "user", "content": "hi"}], "seed": 18446744073709551616}'),
                         ("/v1/tasks/sentiment", '{"text": '),
                     ][i % 4]
                     resp = client.post(bad[0], content=bad[1], headers={"Content-Type": "application/json"})
@@ -125,6 +150,7 @@ def main() -> None:
                 done[0] += 1
                 if done[0] % 100 == 0:
                     rss.append((done[0], rss_mb(proc.pid)))
+                    parts.append((done[0], rss_parts_mb(proc.pid)))
 
         def worker(k: int) -> None:
             with httpx.Client(base_url=base, timeout=900) as client:
@@ -155,6 +181,7 @@ def main() -> None:
         "short_during_long_n": len(during),
         "rss_mb": [(n, round(m)) for n, m in rss], "rss_growth_after_warmup_mb": round(max(warm) - warm[0], 1),
         "rss_peak_mb": round(max(m for _, m in rss), 1), "health_after": health,
+        "rss_parts_mb": parts,
     }
     print(json.dumps(report))
     if args.write:
@@ -166,7 +193,9 @@ def main() -> None:
                     "short_during_long_p99_ms", "short_during_long_n", "rss_growth_after_warmup_mb", "rss_peak_mb",
                     "health_after"):
             lines.append(f"| {key} | {report[key]} |")
-        lines += ["", "RSS (MB) every 100 requests: " + ", ".join(f"{n}: {m}" for n, m in report["rss_mb"]), ""]
+        lines += ["", "RSS (MB) every 100 requests: " + ", ".join(f"{n}: {m}" for n, m in report["rss_mb"]), "",
+                  "By kind of mapping (MB; gguf = the model file, heap = glibc's main heap, arenas = its "
+                  "thread arenas, anon = llama.cpp's buffers and other mappings): " + ", ".join(f"{n}: {p}" for n, p in parts[::5] + parts[-1:]), ""]
         with args.write.open("a", encoding="utf-8") as fh:
             fh.write("\n".join(lines))
     if report["server_errors"]:

@@ -20,6 +20,7 @@ ROLES = ("system", "user", "assistant")
 
 #: the largest accepted sampling seed (numpy's generators take seeds in [0, 2**64))
 MAX_SEED = 2**64 - 1
+MIN_SEED = -(2**63)
 
 
 @dataclass(frozen=True)
@@ -28,10 +29,13 @@ class SamplingParams:
 
     Args:
         temperature: softmax temperature; 0 means greedy (argmax) decoding.
-        top_p: nucleus sampling mass in (0, 1] (Holtzman et al. 2020).
+        top_p: nucleus sampling mass in [0, 1] (Holtzman et al. 2020); the most likely token is
+            always kept, so 0 samples only it (as OpenAI's API takes ``top_p: 0``).
         top_k: keep only the k most likely tokens; 0 disables.
         max_tokens: at most this many new tokens (>= 1).
-        seed: makes sampling reproducible for the same prompt and backend; 0 .. 2**64-1.
+        seed: makes sampling reproducible for the same prompt and backend; -2**63 .. 2**64-1
+            (OpenAI's and llama.cpp's clients send signed 64-bit seeds such as -1); a negative
+            seed is read modulo 2**64, so -1 and 2**64-1 draw the same tokens.
         stop: strings that end the reply; the stop string itself is not returned.
         repetition_penalty: CTRL-style penalty (Keskar et al. 2019) on tokens already present;
             1.0 disables.
@@ -57,15 +61,17 @@ class SamplingParams:
 
         if not number(self.temperature) or not 0.0 <= self.temperature <= 2.0:
             raise bad("temperature", f"must be a number between 0 and 2, got {self.temperature!r}")
-        if not number(self.top_p) or not 0.0 < self.top_p <= 1.0:
-            raise bad("top_p", f"must be a number in (0, 1], got {self.top_p!r}")
+        if not number(self.top_p) or not 0.0 <= self.top_p <= 1.0:
+            raise bad("top_p", f"must be a number between 0 and 1, got {self.top_p!r}")
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
             raise bad("top_k", f"must be an integer >= 0, got {self.top_k!r}")
         if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 1:
             raise bad("max_tokens", f"must be an integer >= 1, got {self.max_tokens!r}")
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)
-                                      or not 0 <= self.seed <= MAX_SEED):
-            raise bad("seed", f"must be an integer from 0 to 2**64-1, got {self.seed!r}")
+                                      or not MIN_SEED <= self.seed <= MAX_SEED):
+            raise bad("seed", f"must be an integer from -2**63 to 2**64-1, got {self.seed!r}")
+        if self.seed is not None and self.seed < 0:
+            object.__setattr__(self, "seed", self.seed % (MAX_SEED + 1))
         if not number(self.repetition_penalty) or not 0.5 <= self.repetition_penalty <= 2.0:
             raise bad("repetition_penalty", f"must be a number between 0.5 and 2, got {self.repetition_penalty!r}")
         if isinstance(self.stop, str):

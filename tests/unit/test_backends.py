@@ -108,6 +108,19 @@ def test_seeded_sampling_is_reproducible(tiny_backend):
     assert runs[0] == runs[1]
 
 
+def test_top_p_zero_samples_the_greedy_reply_and_a_negative_seed_reads_modulo_2_64(tiny_backend):
+    # OpenAI's clients send top_p 0 and seed -1; both used to be refused
+    prompt = tiny_backend.render_chat([{"role": "user", "content": "hello"}])
+    greedy = SamplingParams(temperature=0, max_tokens=10, repetition_penalty=1.0)
+    nucleus0 = SamplingParams(temperature=1.5, top_p=0, top_k=0, max_tokens=10, repetition_penalty=1.0, seed=3)
+    assert (list(stream_text(tiny_backend, prompt, nucleus0))[-1].token_ids
+            == list(stream_text(tiny_backend, prompt, greedy))[-1].token_ids)
+    hot = {"temperature": 1.5, "top_p": 1.0, "top_k": 0, "max_tokens": 10}
+    minus_one, wrapped = (list(stream_text(tiny_backend, prompt, SamplingParams(**hot, seed=s)))[-1].token_ids
+                          for s in (-1, 2**64 - 1))
+    assert SamplingParams(seed=-1).seed == 2**64 - 1 and minus_one == wrapped
+
+
 def test_generation_respects_max_tokens(tiny_backend):
     prompt = tiny_backend.render_chat([{"role": "user", "content": "go on"}])
     last = list(stream_text(tiny_backend, prompt, SamplingParams(temperature=0, max_tokens=5)))[-1]

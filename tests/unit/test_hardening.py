@@ -55,7 +55,7 @@ def test_a_lone_surrogate_is_a_400_not_a_500(client, path, body):
 
 
 @pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/tasks/chat", "/v1/tasks/analyze"])
-@pytest.mark.parametrize("seed", [-1, -(2**63), 2**64])
+@pytest.mark.parametrize("seed", [-(2**63) - 1, 2**64, 2**70])
 def test_an_out_of_range_seed_is_a_400(client, path, seed):
     body = {"messages": [{"role": "user", "content": "hi"}]} if "completions" in path else {"text": "hi"}
     r = client.post(path, json={**body, "seed": seed})
@@ -66,13 +66,13 @@ def test_an_out_of_range_seed_is_a_400(client, path, seed):
 def test_bad_input_is_a_typed_error_in_python_and_one_line_exit_2_in_the_cli(tiny_hf_dir):
     ai = AllInOne(Engine(FakeBackend()), Settings())
     with pytest.raises(InvalidInputError, match="seed"):
-        ai.chat("hi", seed=-1)
+        ai.chat("hi", seed=2**64)
     with pytest.raises(InvalidInputError, match="surrogate"):
         ai.sentiment(SURROGATE)
     with pytest.raises(InvalidInputError, match="surrogate"):
         ai.chat([{"role": "user", "content": "hi"}], system=SURROGATE)
     ai.close()
-    out = CliRunner().invoke(cli, ["chat", "hi", "--seed", "-1", "--model", str(tiny_hf_dir), "--backend", "transformers"])
+    out = CliRunner().invoke(cli, ["chat", "hi", "--seed", str(2**64), "--model", str(tiny_hf_dir), "--backend", "transformers"])
     assert out.exit_code == 2 and "seed" in out.output and "Traceback" not in out.output
     assert len([line for line in out.output.splitlines() if line.strip()]) == 1
 
@@ -89,7 +89,8 @@ def test_sampling_params_accept_or_refuse_with_a_typed_error(temperature, top_p,
     except InvalidInputError as exc:
         assert exc.param in {"temperature", "top_p", "top_k", "max_tokens", "seed", "stop"}
         return
-    assert 0 <= p.temperature <= 2 and 0 < p.top_p <= 1 and p.max_tokens >= 1
+    assert 0 <= p.temperature <= 2 and 0 <= p.top_p <= 1 and p.max_tokens >= 1
+    assert p.seed is None or 0 <= p.seed < 2**64
 
 
 @settings(max_examples=200, deadline=None)

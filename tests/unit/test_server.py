@@ -194,6 +194,8 @@ def test_models_route(client):
     assert body["object"] == "list"
     assert [m["id"] for m in body["data"]] == ["fake-model"] and body["data"][0]["object"] == "model"
     assert client.get("/v1/models/fake-model").json()["id"] == "fake-model"
+    # the name the server was started with (the README's "embedded") finds the loaded model too
+    assert client.get(f"/v1/models/{client.app.state.server.settings.model}").json()["id"] == "fake-model"
     assert_error(client.get("/v1/models/gpt-4"), 404)
 
 

@@ -146,7 +146,8 @@ def test_content_as_a_list_of_text_parts_equals_the_joined_string(client):
 
 def test_what_openai_clients_send_and_openai_accepts_is_accepted(client):
     body = {"messages": [user()], "max_tokens": 4}
-    for extra in ({"stream": None}, {"store": False}, {"metadata": {"run": "a"}}, {"user": "u1"}):
+    for extra in ({"stream": None}, {"store": False}, {"metadata": {"run": "a"}}, {"user": "u1"},
+                  {"top_p": 0}, {"top_p": 0.0}, {"seed": -1}, {"seed": -(2**63)}):
         expect(client.post(CHAT, json={**body, **extra}), 200)
     # as OpenAI: stream options without a stream are a mistake
     expect(client.post(CHAT, json={**body, "stream_options": {"include_usage": True}}), 400, param="stream_options")
@@ -193,7 +194,7 @@ def test_max_tokens_at_the_limit_is_accepted(client):
 
 
 @pytest.mark.parametrize("field,value", [
-    ("temperature", -0.1), ("temperature", 2.5), ("temperature", "hot"), ("top_p", 0), ("top_p", 1.5),
+    ("temperature", -0.1), ("temperature", 2.5), ("temperature", "hot"), ("top_p", -0.1), ("top_p", 1.5),
     ("stop", ["a", "b", "c", "d", "e"]), ("stop", [""]), ("seed", "x"), ("stream", "yes"),
     ("presence_penalty", 0.5), ("logprobs", True), ("tools", [{"type": "function"}]),
     ("response_format", {"type": "json_object"}), ("unknown_option", 1),

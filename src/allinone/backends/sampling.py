@@ -53,6 +53,7 @@ def sample(logits: np.ndarray, sampling: SamplingParams, history: list[int], rng
     probs /= probs.sum()
     if sampling.top_p < 1.0:
         keep = np.cumsum(probs) - probs < sampling.top_p
+        keep[0] = True  # top_p 0 keeps the most likely token only
         idx, probs = idx[keep], probs[keep]
         probs /= probs.sum()
     return int(idx[rng.choice(probs.size, p=probs)])

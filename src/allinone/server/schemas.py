@@ -24,7 +24,7 @@ class Sampling(_Body):
     """Decoding options shared by the chat routes (all optional; server defaults apply)."""
 
     temperature: StrictFloat | None = Field(None, description="0 = greedy; up to 2")
-    top_p: StrictFloat | None = Field(None, description="nucleus mass in (0, 1]")
+    top_p: StrictFloat | None = Field(None, description="nucleus mass in [0, 1]; 0 keeps the most likely token")
     top_k: StrictInt | None = Field(None, description="keep the k most likely tokens; 0 disables")
     max_tokens: StrictInt | None = Field(None, description="at most this many new tokens (>= 1)")
     seed: StrictInt | None = Field(None, description="reproducible sampling")

@@ -121,7 +121,7 @@ class Defaults(_Strict):
     calibrate: bool = False
     max_tokens: int = Field(256, ge=1, le=8192)
     temperature: float = Field(0.0, ge=0.0, le=2.0)
-    top_p: float = Field(0.8, gt=0.0, le=1.0)
+    top_p: float = Field(0.8, ge=0.0, le=1.0)
 
 
 class TaskSpec(_Strict):

@@ -86,8 +86,12 @@ async def list_models(request: Request) -> dict[str, Any]:
 
 @router.get("/models/{model_id:path}")
 async def get_model(model_id: str, request: Request) -> dict[str, Any]:
+    """One model object by its id, or by the name the server was started with (``model``
+    setting, e.g. ``embedded``: clients configured with that name look it up). 404 otherwise."""
     server = server_state(request)
     models = _model_objects(server)
+    if model_id == server.settings.model:
+        return models[0]
     for model in models:
         if model["id"] == model_id:
             return model

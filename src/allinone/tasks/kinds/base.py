@@ -209,6 +209,6 @@ FINISH_SCHEMA = {"type": "string", "enum": ["stop", "length"]}
 GENERATION_PARAMS = {
     "max_tokens": {"type": "integer", "minimum": 1},
     "temperature": {"type": "number", "minimum": 0, "maximum": 2},
-    "top_p": {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
-    "seed": {"type": "integer", "minimum": 0, "maximum": 2**64 - 1},
+    "top_p": {"type": "number", "minimum": 0, "maximum": 1},
+    "seed": {"type": "integer", "minimum": -(2**63), "maximum": 2**64 - 1},
 }
