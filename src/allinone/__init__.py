@@ -15,6 +15,7 @@ from .errors import (
     ModelSourceError,
     OverloadedError,
     RequestTimeoutError,
+    ShuttingDownError,
     TaskDeclarationError,
     TrainingDataError,
     UnknownTaskError,
@@ -36,7 +37,7 @@ from .types import SamplingParams
 __all__ = [
     "AllInOne", "AllInOneError", "AnalyzeResult", "BackendUnavailableError", "ChatChunk", "ChatResult", "ContextLengthError",
     "ClassifyResult", "ExtractResult", "InvalidInputError", "ModelSourceError", "OverloadedError",
-    "RequestTimeoutError", "SamplingParams", "SentimentResult", "Settings", "TaskDeclarationError",
+    "RequestTimeoutError", "SamplingParams", "SentimentResult", "Settings", "ShuttingDownError", "TaskDeclarationError",
     "TaskRegistry", "TaskResult", "TaskSpec", "TrainingDataError", "UnknownTaskError", "Usage",
 ]
 __version__ = "0.1.0"

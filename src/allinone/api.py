@@ -717,10 +717,13 @@ class AllInOne:
         check_text(text, "text")
 
     # -- lifetime -----------------------------------------------------------------------
-    def close(self) -> None:
-        self._engine.close()
+    def close(self, grace: float = 30.0) -> None:
+        """Free the model(s): requests running or queued may finish for ``grace`` seconds, what
+        is left then fails with :class:`~allinone.errors.ShuttingDownError`, and later calls
+        raise it (see :meth:`Engine.stop`). Idempotent; safe from any thread."""
+        self._engine.close(grace)
         if self._chat_engine is not self._engine:
-            self._chat_engine.close()
+            self._chat_engine.close(grace)
 
     def __enter__(self) -> "AllInOne":
         return self

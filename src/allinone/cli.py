@@ -568,18 +568,14 @@ def serve(
     command lines are visible to other users). The model loads in the background: GET /health
     answers 503 until it is ready.
     """
-    import uvicorn
-
-    from .server import create_app
+    from .server import run
     from .settings import Settings
 
     settings = Settings(**options)
-    application = create_app(settings)
     shown = "localhost" if settings.host in {"127.0.0.1", "0.0.0.0", "::"} else settings.host
     err.print(f"allinone: http://{shown}:{settings.port}/  (API /v1, docs /docs"
               f"{', UI /ui' if settings.ui else ''}); loading {settings.model} in the background")
-    uvicorn.run(application, host=settings.host, port=settings.port, log_level=log_level,
-                timeout_graceful_shutdown=5)
+    run(settings, log_level=log_level)
 
 
 def _print_version(value: bool) -> None:

@@ -145,6 +145,19 @@ class RequestTimeoutError(AllInOneError):
     code = "timeout"
 
 
+class ShuttingDownError(AllInOneError):
+    """The model is being closed (the server is stopping): the job was not started, or was
+    stopped before it finished. Another replica, or this one after its restart, can take it."""
+
+    status_code = 503
+    code = "shutting_down"
+
+    def __init__(self, message: str = "the server is shutting down; retry on another instance or after "
+                 "the restart", *, retry_after: float = 5.0) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
 class CancelledError(AllInOneError):
     """The caller went away (a closed stream, a disconnected client) and the work was stopped."""
 

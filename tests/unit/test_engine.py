@@ -8,8 +8,8 @@ import time
 
 import pytest
 
-from allinone.engine import TEXT_SLOT, Engine, GenerateJob, Prompt, ScoreJob, TokenizeJob
-from allinone.errors import InvalidInputError, OverloadedError, RequestTimeoutError
+from allinone.engine import TEXT_SLOT, Engine, GenerateJob, Prompt, ScoreJob, TokenizeJob, core
+from allinone.errors import InvalidInputError, OverloadedError, RequestTimeoutError, ShuttingDownError
 from allinone.types import SamplingParams
 from fixtures.fakes import FakeBackend
 
@@ -202,6 +202,48 @@ def test_a_reader_behind_its_stream_learns_that_it_timed_out():
             time.sleep(0.05)  # reads slower than the worker writes
     assert pieces > 1
     engine.close()
+
+
+def test_closing_fails_running_and_queued_work_and_frees_the_model_after_the_worker_stops():
+    """A server stopped during a long reply freed llama.cpp's model under the running decode
+    and crashed (exit 139) after waiting for it; now what is left fails at once."""
+    backend = FakeBackend("y" * 10_000, end=False, step_delay=0.01)
+    engine = Engine(backend, max_active=1)
+    running, queued = reply(engine), reply(engine)  # max_active 1: the second waits
+    next(iter(running))
+    started = time.monotonic()
+    engine.close(grace=0)
+    assert time.monotonic() - started < 2
+    for stream in (running, queued):
+        with pytest.raises(ShuttingDownError):
+            list(stream)
+    assert backend.closed and backend.finished == 1  # the running reply's sequence was released
+    with pytest.raises(ShuttingDownError):
+        reply(engine)
+
+
+def test_closing_lets_work_finish_within_the_grace_period():
+    engine = Engine(FakeBackend("hello", step_delay=0.01))
+    stream = reply(engine)
+    engine.close(grace=10)
+    assert "".join(d.text for d in stream) == "hello"
+
+
+def test_the_model_is_never_freed_while_the_worker_computes(monkeypatch, caplog):
+    backend = FakeBackend("y" * 100, end=False)
+    engine = Engine(backend)
+    stream = reply(engine)
+    next(iter(stream))
+    backend.gate.clear()  # the next decode step hangs, as a long llama_decode would
+    time.sleep(0.05)
+    monkeypatch.setattr(core, "_ABORT_JOIN_S", 0.2)
+    engine.close(grace=0)
+    assert not backend.closed and "did not stop" in caplog.text
+    backend.gate.set()  # the step ends: the worker fails the reply and stops
+    with pytest.raises(ShuttingDownError):
+        list(stream)
+    engine.close()
+    assert backend.closed
 
 
 @pytest.mark.parametrize("timeout", [-1, 0, float("nan"), "5", True])

@@ -17,7 +17,9 @@ Each loop turn admits waiting replies, runs the oldest waiting batch (first come
 served), then advances every active reply by one token, so all kinds progress in turn. Prompts
 are rendered and fitted to the context window on the worker (:mod:`.prompts`). Results cross to
 the caller through a per-job queue; a caller that stops reading a stream (or times out) cancels
-its reply at the next step.
+its reply at the next step. Closing the engine lets queued and running work finish for a
+grace period, then fails what is left (:class:`ShuttingDownError`) and frees the model only once
+the worker has stopped.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..backends.kv_cache import common_prefix_len
-from ..errors import AllInOneError, InvalidInputError, OverloadedError, RequestTimeoutError
+from ..errors import AllInOneError, InvalidInputError, OverloadedError, RequestTimeoutError, ShuttingDownError
 from ..types import TextDelta
 from .device import DeviceLock
 from .jobs import EncodeJob, EncodeOutput, GenerateJob, Job, PromptInfo, ScoreJob, ScoreOutput, TokenizeJob
@@ -48,6 +50,9 @@ log = logging.getLogger(__name__)
 _DONE = object()
 #: ``timeout=DEFAULT``: the engine's own per-job timeout
 DEFAULT: Any = object()
+#: after the grace period, how long a closing engine waits for its worker to fail what is left
+#: (the worker checks between turns; one turn is at most a classification batch or a prompt slice)
+_ABORT_JOIN_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -225,6 +230,9 @@ class Engine:
         self._lock = threading.Lock()
         self._waiting = 0  # submitted and not started
         self._closed = False
+        self._abort: ShuttingDownError | None = None  # set: fail every job at the worker's next turn
+        self._close_lock = threading.Lock()
+        self._freed = False
         self._batch_sizes: dict[int, int] = {}
         self._n_active = 0
         self._continuations: dict[str, list[int]] = {}
@@ -260,7 +268,7 @@ class Engine:
             OverloadedError: the queue holds ``max_queue`` jobs already.
         """
         if self._closed:
-            raise AllInOneError("the engine is closed")
+            raise ShuttingDownError("the model is closed (the server is shutting down)")
         if not jobs:
             return []
         for job in jobs:
@@ -336,6 +344,8 @@ class Engine:
             for task in [t for t in waiting if t.dead]:
                 waiting.remove(task)
                 self._started(task)
+            if self._abort is not None:
+                self._fail_all(waiting, active, self._abort)
             if closing and not waiting and not active:
                 return
             if self._device is None:
@@ -344,6 +354,15 @@ class Engine:
                 with self._device:
                     self._turn(waiting, active)
             self._n_active = len(active)
+
+    def _fail_all(self, waiting: deque[_Task], active: list[_Active], exc: AllInOneError) -> None:
+        for task in waiting:
+            self._started(task)
+            self._fail(task, exc)
+        waiting.clear()
+        for a in list(active):
+            self._retire(a, active, done=False)
+            a.task.out.put(("error", exc))
 
     def _turn(self, waiting: deque[_Task], active: list[_Active]) -> None:
         """One loop turn of compute: admit replies, run the oldest batch, step every reply."""
@@ -550,19 +569,45 @@ class Engine:
         if done:
             a.task.out.put(("ok", _DONE))
 
-    def close(self) -> None:
-        """Stop the worker after the queued work and free the model."""
-        if self._closed:
-            return
-        self.stop()
-        self._backend.close()
+    def close(self, grace: float = 30.0) -> None:
+        """Stop the worker (see :meth:`stop`) and free the model; idempotent and safe from any
+        thread. The model is never freed while the worker still computes (a backend freed
+        under a running ``llama_decode`` crashes the process): if the worker has not stopped,
+        the model is left to the process's exit and a warning is logged."""
+        with self._close_lock:
+            if self._freed:
+                return
+            self.stop(grace)
+            if self._worker.is_alive():
+                log.warning("the engine's worker did not stop; the model is left loaded until the process exits")
+                return
+            self._freed = True
+            self._backend.close()
 
-    def stop(self) -> None:
-        """Stop the worker after the queued work, leaving the backend loaded (for a backend
-        the caller shares, as tests do)."""
+    def stop(self, grace: float = 30.0) -> None:
+        """Take no more jobs (:class:`ShuttingDownError`), let the queued and running ones finish
+        for up to ``grace`` seconds, then fail what is left with :class:`ShuttingDownError` at the
+        worker's next turn: within one prompt slice or decode step, or one classification
+        batch. Leaves the backend loaded (for a backend the caller shares, as tests do).
+
+        Args:
+            grace: seconds the queued and running work may take; 0 fails it at once.
+        """
         self._closed = True
         self._inbox.put(None)
-        self._worker.join(timeout=30)
+        self._worker.join(timeout=max(grace, 0.0))
+        if self._worker.is_alive():
+            self._abort = ShuttingDownError()
+            self._worker.join(timeout=_ABORT_JOIN_S)
+        if not self._worker.is_alive():
+            # jobs a caller put in while the worker was stopping: nobody else will answer them
+            while True:
+                try:
+                    tasks = self._inbox.get_nowait()
+                except queue.Empty:
+                    break
+                for task in tasks or ():
+                    self._fail(task, ShuttingDownError())
 
 
 def _batch_key(job: Job) -> tuple:

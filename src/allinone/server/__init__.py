@@ -1,5 +1,6 @@
-"""The HTTP service: ``create_app(settings, ai=None)`` builds the FastAPI app (see :mod:`.app`)."""
+"""The HTTP service: ``create_app(settings, ai=None)`` builds the FastAPI app, ``run(settings)``
+serves it (see :mod:`.app`)."""
 
-from .app import create_app
+from .app import create_app, run
 
-__all__ = ["create_app"]
+__all__ = ["create_app", "run"]

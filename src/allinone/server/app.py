@@ -4,6 +4,11 @@ sessions, health and metrics, and the web UI mounted at ``/ui``.
 All state lives on ``app.state.server`` (a :class:`ServerState`), so several apps can coexist
 in one process. Without a ready model, the model loads on a background thread at startup:
 the server answers at once, ``/health`` says 503 until the model is ready.
+
+:func:`run` serves the app with uvicorn and stops it so that every request gets an answer: after
+SIGTERM (or Ctrl-C) running requests may finish for :data:`DRAIN_S` seconds; what still runs
+then fails with a 503 error object (``shutting_down``; a stream: its last error event), before
+uvicorn's graceful shutdown (:data:`GRACEFUL_S`) closes the connections and the model is freed.
 """
 
 from __future__ import annotations
@@ -11,8 +16,9 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+import uvicorn
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import RedirectResponse
@@ -24,10 +30,38 @@ from .limits import BodyLimitMiddleware
 from .metrics import MetricsMiddleware
 from .routes import openai, sessions, system, tasks
 from .security import AuthMiddleware
-from .state import ServerState
+from .state import DRAIN_S, GRACEFUL_S, ServerState
 
 if TYPE_CHECKING:
     from ..api import AllInOne
+
+
+def run(settings: Settings, *, log_level: str = "info") -> None:
+    """Serve :func:`create_app` ``(settings)`` on ``settings.host:port`` until SIGTERM/SIGINT,
+    then stop as the module docstring says (a second signal stops at once; the times are in
+    :mod:`.state`)."""
+    import uvicorn
+
+    app = create_app(settings)
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=log_level,
+                            timeout_graceful_shutdown=GRACEFUL_S)
+    DrainingServer(config, app.state.server).run()
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn's server that, on the first exit signal, also starts the drain of ``state``
+    (:meth:`ServerState.drain`) :data:`~.state.DRAIN_S` seconds later."""
+
+    def __init__(self, config: uvicorn.Config, state: ServerState) -> None:
+        super().__init__(config)
+        self.state = state
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        if not self.should_exit:
+            timer = threading.Timer(DRAIN_S, self.state.drain)
+            timer.daemon = True  # a server that stopped sooner does not wait for it
+            timer.start()
+        super().handle_exit(sig, frame)
 
 
 def create_app(settings: Settings | None = None, ai: "AllInOne | None" = None) -> FastAPI:

@@ -19,6 +19,15 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+#: seconds after SIGTERM that running requests may take before their model work is failed
+#: (:meth:`ServerState.drain`)
+DRAIN_S = 5.0
+#: uvicorn's graceful shutdown: seconds it waits for open requests before cancelling them
+GRACEFUL_S = 10
+#: an SSE stream is cut by sse-starlette this long after SIGTERM (the drain has ended it before)
+SSE_GRACE_S = 9.0
+
+
 class Admission:
     """Admits at most ``limit`` model requests at once; the next one gets ``OverloadedError``.
 
@@ -108,10 +117,18 @@ class ServerState:
             log.info("chat replies are written by %s", ai.chat_model_id)
         self.ai = ai
 
+    def drain(self) -> None:
+        """Fail the model work still queued or running with ``ShuttingDownError`` (a 503 error
+        object, or a stream's last error event) and free the model; later model requests get
+        the same 503. ``allinone serve`` calls it a few seconds after SIGTERM (``app.DRAIN_S``)."""
+        ai = self.ai
+        if self.owns_ai and ai is not None:
+            ai.close(grace=0)
+
     def close(self) -> None:
         self._closed = True
         if self.owns_ai and self.ai is not None:
-            self.ai.close()
+            self.ai.close(grace=0)  # at shutdown uvicorn has ended or cancelled every request
             self.ai = None
         self.store.close()
 

@@ -22,7 +22,7 @@ from ...results import ChatChunk, ChatResult
 from ..deps import Slot, server_state
 from ..errors import error_body
 from ..schemas import ChatCompletionRequest
-from ..state import ServerState
+from ..state import SSE_GRACE_S, ServerState
 from ..streaming import ChunkStream, collect
 
 log = logging.getLogger(__name__)
@@ -73,7 +73,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> dic
         await stream.aclose()
         slot.release()
 
-    return _SSEResponse(events, on_close=on_close, sep="\n", ping=15)
+    # at shutdown the stream may go on until the drain (app.DRAIN_S) ends it with an error event
+    return _SSEResponse(events, on_close=on_close, sep="\n", ping=15, shutdown_grace_period=SSE_GRACE_S)
 
 
 @router.get("/models")
