@@ -3,11 +3,12 @@ variables and CLI flags all land here. Unknown options fail fast."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 BackendName = Literal["auto", "llamacpp", "transformers"]
 
@@ -59,9 +60,9 @@ class Settings(BaseSettings):
     # server (the fields from here on are SERVER_FIELDS)
     host: str = Field("127.0.0.1", description="address to listen on")
     port: int = Field(8000, ge=0, le=65535, description="port to listen on")
-    api_keys: list[str] = Field(default_factory=list, description="if set, every route but /health needs 'Authorization: Bearer KEY' (browsers: the /login page)")
+    api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list, description="if set, every route but /health needs 'Authorization: Bearer KEY' (browsers: the /login page)")
     metrics_public: bool = Field(False, description="with api_keys set, /metrics still answers without a key")
-    cors_origins: list[str] = Field(default_factory=list, description="allowed CORS origins; none by default")
+    cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list, description="allowed CORS origins; none by default")
     db_path: Path | None = Field(None, description="SQLite file for stored conversations (default: in cache_dir)")
     session_history_messages: int = Field(
         50, ge=0, description="most recent stored messages of a session sent to the model with a new one"
@@ -70,6 +71,21 @@ class Settings(BaseSettings):
         8_000_000, ge=1024, description="largest accepted HTTP request body in bytes; larger gets 413"
     )
     ui: bool = Field(True, description="mount the web chat UI at /ui")
+
+    @field_validator("api_keys", "cors_origins", mode="before")
+    @classmethod
+    def _list_from_text(cls, value: Any) -> Any:
+        """A list given as text (an ``ALLINONE_*`` variable): a JSON list, or values separated by
+        commas (``ALLINONE_API_KEYS=key-1,key-2``)."""
+        if not isinstance(value, str):
+            return value
+        text = value.strip()
+        if text.startswith("["):
+            try:
+                return json.loads(text)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"not a JSON list ({exc.msg}); give a JSON list or values separated by commas") from None
+        return [part.strip() for part in text.split(",") if part.strip()]
 
 
 #: the fields only ``allinone serve`` uses

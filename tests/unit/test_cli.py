@@ -133,3 +133,22 @@ def test_version(capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["--version"])
     assert exit_.value.code == 0 and capsys.readouterr().out.strip() == f"allinone {__version__}"
+
+
+@pytest.mark.parametrize("value,keys", [("key-1", ["key-1"]), (" key-1, key-2 ,", ["key-1", "key-2"]),
+                                        ('["key-1", "key,2"]', ["key-1", "key,2"]), ("", [])])
+def test_a_list_setting_in_the_environment_is_a_json_list_or_comma_separated(monkeypatch, value, keys):
+    """``ALLINONE_API_KEYS=key-1`` (a bare key: what a user types) gave a 150-line traceback."""
+    from allinone import Settings
+
+    monkeypatch.setenv("ALLINONE_API_KEYS", value)
+    monkeypatch.setenv("ALLINONE_CORS_ORIGINS", "https://a.example,https://b.example")
+    assert Settings().api_keys == keys
+    assert Settings().cors_origins == ["https://a.example", "https://b.example"]
+
+
+def test_a_list_setting_that_is_broken_json_is_one_line_and_exit_2(monkeypatch, tmp_path):
+    monkeypatch.setenv("ALLINONE_API_KEYS", '["key-1"')
+    out = runner.invoke(app, ["sentiment", "hi", "--model", str(tmp_path / "none.gguf")])
+    lines = [line for line in out.output.splitlines() if line.strip()]
+    assert out.exit_code == 2 and len(lines) == 1 and "api_keys" in lines[0] and "JSON list" in lines[0], lines
