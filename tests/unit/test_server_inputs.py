@@ -147,8 +147,12 @@ def test_content_as_a_list_of_text_parts_equals_the_joined_string(client):
 def test_what_openai_clients_send_and_openai_accepts_is_accepted(client):
     body = {"messages": [user()], "max_tokens": 4}
     for extra in ({"stream": None}, {"store": False}, {"metadata": {"run": "a"}}, {"user": "u1"},
-                  {"top_p": 0}, {"top_p": 0.0}, {"seed": -1}, {"seed": -(2**63)}):
+                  {"top_p": 0}, {"top_p": 0.0}, {"seed": -1}, {"seed": -(2**63)}, {"service_tier": "auto"},
+                  {"prompt_cache_key": "k"}, {"safety_identifier": "u"}, {"modalities": ["text"]}):
         expect(client.post(CHAT, json={**body, **extra}), 200)
+    streamed = client.post(CHAT, json={**body, "stream": True,
+                                       "stream_options": {"include_usage": True, "include_obfuscation": False}})
+    assert streamed.status_code == 200 and '"usage":{' in streamed.text
     # as OpenAI: stream options without a stream are a mistake
     expect(client.post(CHAT, json={**body, "stream_options": {"include_usage": True}}), 400, param="stream_options")
     still_healthy(client)
@@ -202,6 +206,17 @@ def test_max_tokens_at_the_limit_is_accepted(client):
 def test_bad_or_unsupported_options_are_400(client, field, value):
     expect(client.post(CHAT, json={"messages": [user()], field: value}), 400)
     still_healthy(client)
+
+
+@pytest.mark.parametrize("field,value", [
+    ("reasoning_effort", "low"), ("modalities", ["text", "audio"]), ("functions", [{"name": "f"}]),
+    ("function_call", "auto"), ("verbosity", "low"), ("audio", {"voice": "x"}), ("prediction", {"type": "content"}),
+    ("web_search_options", {}),
+])
+def test_openai_options_this_server_lacks_are_named_as_not_supported(client, field, value):
+    """They were 'Extra inputs are not permitted', as for a misspelt field (a fresh user's SDK run)."""
+    error = expect(client.post(CHAT, json={"messages": [user()], field: value}), 400, param=field)["error"]
+    assert "supported" in error["message"] and "permitted" not in error["message"], error
 
 
 @pytest.mark.parametrize("n", [2, 0, 5])

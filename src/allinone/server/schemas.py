@@ -89,6 +89,7 @@ class ChatMessage(BaseModel):
 
 class StreamOptions(_Body):
     include_usage: bool = False
+    include_obfuscation: bool | None = Field(None, description="ignored: no obfuscation padding is sent")
 
 
 class ChatCompletionRequest(Sampling):
@@ -103,6 +104,18 @@ class ChatCompletionRequest(Sampling):
     user: str | None = Field(None, description="ignored")
     store: StrictBool | None = Field(None, description="ignored: nothing is stored")
     metadata: dict[str, str] | None = Field(None, description="ignored")
+    service_tier: str | None = Field(None, description="ignored: one tier")
+    prompt_cache_key: str | None = Field(None, description="ignored: prefixes are cached whatever the key")
+    safety_identifier: str | None = Field(None, description="ignored")
+    modalities: list[str] | None = Field(None, description="only [\"text\"]")
+    # Refused with "... is not supported" (not "extra inputs"): OpenAI parameters this server lacks.
+    reasoning_effort: Any = None
+    verbosity: Any = None
+    functions: list[Any] | None = None
+    function_call: Any = None
+    audio: Any = None
+    prediction: Any = None
+    web_search_options: Any = None
     # Accepted only at their neutral value, so clients that always send them keep working.
     presence_penalty: StrictFloat | None = None
     frequency_penalty: StrictFloat | None = None
@@ -118,8 +131,9 @@ class ChatCompletionRequest(Sampling):
         """Sampling keyword arguments, after rejecting what this server cannot do.
 
         Raises:
-            InvalidInputError: ``n`` other than 1, tools, logprobs, non-zero penalties, a
-                non-text response format, or ``max_tokens`` and ``max_completion_tokens`` that
+            InvalidInputError: ``n`` other than 1, tools or functions, logprobs, non-zero
+                penalties, a non-text response format or modality, reasoning, audio,
+                predictions, web search, or ``max_tokens`` and ``max_completion_tokens`` that
                 disagree.
         """
         if self.stream_options is not None and not self.stream:
@@ -137,6 +151,15 @@ class ChatCompletionRequest(Sampling):
             raise InvalidInputError("tools are not supported", param="tools")
         if self.response_format and self.response_format.get("type") != "text":
             raise InvalidInputError("only the 'text' response_format is supported", param="response_format")
+        if self.modalities is not None and self.modalities != ["text"]:
+            raise InvalidInputError("only the 'text' modality is supported", param="modalities")
+        if self.functions:
+            raise InvalidInputError("functions are not supported", param="functions")
+        if self.function_call not in (None, "none"):
+            raise InvalidInputError("function_call is not supported", param="function_call")
+        for name in ("reasoning_effort", "verbosity", "audio", "prediction", "web_search_options"):
+            if getattr(self, name) is not None:
+                raise InvalidInputError(f"{name} is not supported", param=name)
         sampling = self.sampling()
         if self.max_completion_tokens is not None:
             if self.max_tokens is not None and self.max_tokens != self.max_completion_tokens:
