@@ -13,7 +13,7 @@ from ..errors import error_body
 router = APIRouter(tags=["system"])
 
 
-@router.get("/health")
+@router.api_route("/health", methods=["GET", "HEAD"])
 async def health(request: Request) -> JSONResponse:
     """200 ``{"status": "ok", "model", "backend", "chat_model", "queue_depth", "in_flight",
     "uptime_seconds"}`` once the model is loaded (``chat_model``: the model that writes chat
