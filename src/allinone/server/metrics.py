@@ -28,7 +28,6 @@ from typing import TYPE_CHECKING
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily
-from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 if TYPE_CHECKING:
@@ -125,19 +124,6 @@ class MetricsMiddleware:
         try:
             await self.app(scope, receive, send_and_note)
         finally:
-            route = _route_path(scope)
+            route = getattr(scope.get("route"), "path", None) or "unmatched"
             self.metrics.requests.labels(route, scope["method"], str(status)).inc()
             self.metrics.latency.labels(route).observe(time.perf_counter() - start)
-
-
-def _route_path(scope: Scope) -> str:
-    """The path template of the request's route; for a request an outer middleware answered
-    (401 without a key, 413 for a body too large) the route it would have reached, so its
-    error counts under that route and not under ``unmatched``."""
-    route = scope.get("route")
-    if route is None:
-        for candidate in getattr(getattr(scope.get("app"), "router", None), "routes", ()):
-            if candidate.matches(scope)[0] == Match.FULL:
-                route = candidate
-                break
-    return getattr(route, "path", None) or "unmatched"
