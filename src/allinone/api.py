@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .engine import DEFAULT, DeviceLock, Engine, EngineStats, GenerationStream, ModelInfo, collect
+from .engine import DEFAULT, DeviceLock, Engine, EngineStats, GenerationStream, ModelInfo, ReplyStream, collect
 from .errors import AllInOneError, InvalidInputError, ModelSourceError
 from .learn.artifacts import Artifact, ArtifactStore, save
 from .models import ModelSource, default_cache_dir, resolve_model
@@ -406,7 +406,9 @@ class AllInOne:
 
         Args:
             messages: a string (one user message) or a list of ``{"role", "content"}``.
-            stream: return an iterator of :class:`ChatChunk` instead of a :class:`ChatResult`.
+            stream: return an iterator of :class:`ChatChunk` instead of a :class:`ChatResult`
+                (a :class:`~allinone.engine.ReplyStream`: ``cancel()`` stops the reply from any
+                thread, even while its prompt is being computed; ``close()`` from the reader's).
             system: an optional system prompt, put first.
             cut: a conversation that does not fit the context window (with room for
                 ``max_tokens``, at most half the window) loses its oldest turns, then the end
@@ -674,17 +676,19 @@ class AllInOne:
         (:func:`~allinone.tasks.chat.guard_refusals`)."""
         text = request.last_user
         lang = detect_lang(text)
+        reply = ReplyStream()
 
         def begun(req: ChatRequest, opening: str) -> Iterator[ChatChunk]:
             # submitted now (a full queue fails here, as for any reply); the model continues
             # after words already written, which come first in the reply
-            return reply_chunks(self._chat_engine.submit(req.job(reply_prefix=opening), timeout=timeout))
+            return reply_chunks(reply.track(self._chat_engine.submit(req.job(reply_prefix=opening), timeout=timeout)))
 
         if any(map(looks_harmful, request.recent_user())):  # declined by prompt and first words; never asked again
-            return begun(request.steered(pick(DECLINE, lang)), pick(DECLINE_OPENING, lang))
-        chunks = reply_chunks(self._chat_engine.submit(request.job(), timeout=timeout))
+            return reply.wrap(begun(request.steered(pick(DECLINE, lang)), pick(DECLINE_OPENING, lang)))
+        chunks = reply_chunks(reply.track(self._chat_engine.submit(request.job(), timeout=timeout)))
         opening = pick(RETRY_OPENING.get(mood, RETRY_OPENING[None]), lang)
-        return guard_refusals(chunks, retry=lambda: begun((retry_from or request).steered(pick(STEER, lang)), opening))
+        return reply.wrap(guard_refusals(
+            chunks, retry=lambda: begun((retry_from or request).steered(pick(STEER, lang)), opening)))
 
     def _chat_profile(self) -> ChatProfile | None:
         """The ``chat`` task's way of talking (see :class:`ChatProfile`), if it is declared."""

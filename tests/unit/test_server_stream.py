@@ -169,3 +169,47 @@ def test_a_plain_request_abandoned_by_its_client_stops_generation(endless):
         generated = settled(backend)
         assert generated < 600, generated  # ~100 in the 0.5 s before the hang-up, of 2000
         assert http.get("/health").json()["in_flight"] == 0
+
+
+class SlowPrefill(FakeBackend):
+    """A model whose prompts take ``prefill_steps`` steps of 10 ms to compute (no token yet),
+    as a long prompt computed slice by slice does."""
+
+    prefill_steps = 1000  # 10 s
+
+    def start(self, prompt_ids, sampling, **kw):
+        state = super().start(prompt_ids, sampling, **kw)
+        state.prefill_left = self.prefill_steps
+        return state
+
+    def step(self, states):
+        self.steps.append(len(states))
+        time.sleep(0.01)
+        out = []
+        for state in states:
+            if state.prefill_left > 0:
+                state.prefill_left -= 1
+                out.append(None)
+            else:
+                out.extend(super().step([state]))
+        return out
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_client_gone_while_its_prompt_is_computed_stops_the_prompt(tmp_path, stream):
+    """Before its first token a reply was not watched: a client gone during a long prompt left
+    the server computing the rest of it (the wait for the first chunk held the stream's lock)."""
+    app, backend, ai = fake_app(tmp_path, SlowPrefill())
+    body = {"messages": [{"role": "user", "content": "a long document"}], "max_tokens": 8, "stream": stream}
+    with live_server(app) as url, httpx.Client(base_url=url) as http:
+        with pytest.raises(httpx.ReadTimeout):
+            http.post(CHAT, json=body, timeout=0.5)
+        deadline = time.monotonic() + 5
+        while backend.finished == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert backend.finished == 1  # the sequence was released: the job was dropped
+        steps = len(backend.steps)
+        time.sleep(0.3)
+        assert len(backend.steps) == steps and steps < 300, steps  # no more steps; of 1,000
+        assert http.get("/health").json()["in_flight"] == 0
+    ai.close()

@@ -4,7 +4,17 @@
 >>> out = engine.run(ScoreJob(Prompt(messages=[...]), continuations=("positive", "negative")))
 """
 
-from .core import DEFAULT, Engine, EngineStats, GenerateOutput, GenerationStream, ModelInfo, Pending, collect
+from .core import (
+                   DEFAULT,
+                   Engine,
+                   EngineStats,
+                   GenerateOutput,
+                   GenerationStream,
+                   ModelInfo,
+                   Pending,
+                   ReplyStream,
+                   collect,
+)
 from .device import DeviceLock
 from .jobs import (
                    TEXT_SLOT,
@@ -21,6 +31,6 @@ from .jobs import (
 
 __all__ = [
     "DEFAULT", "TEXT_SLOT", "DeviceLock", "EncodeJob", "EncodeOutput", "Engine", "EngineStats", "GenerateJob", "GenerateOutput",
-    "GenerationStream", "Job", "ModelInfo", "Pending", "Prompt", "PromptInfo", "ScoreJob", "ScoreOutput",
+    "GenerationStream", "Job", "ModelInfo", "Pending", "Prompt", "PromptInfo", "ReplyStream", "ScoreJob", "ScoreOutput",
     "TokenizeJob", "collect",
 ]

@@ -191,6 +191,48 @@ class GenerationStream:
             self._task.cancelled.set()
 
 
+class ReplyStream:
+    """A reply's chunks, made from the engine streams it submits (:meth:`track`: a reply asked
+    again starts a second one). :meth:`cancel` stops whichever runs from any thread, also while
+    the reader waits inside ``next()`` for a long prompt to be computed (the engine drops the job
+    at its next step: within one prompt slice); the iteration then ends. :meth:`close`, from the
+    reading thread, ends it too.
+    """
+
+    def __init__(self) -> None:
+        self._streams: list[GenerationStream] = []
+        self._cancelled = False
+        self._chunks: Iterator[Any] = iter(())
+
+    def track(self, stream: "GenerationStream") -> "GenerationStream":
+        """Count ``stream`` as part of this reply (cancelled at once if the reply is)."""
+        self._streams.append(stream)
+        if self._cancelled:
+            stream.cancel()
+        return stream
+
+    def wrap(self, chunks: Iterator[Any]) -> "ReplyStream":
+        """Iterate over ``chunks``; returns ``self``."""
+        self._chunks = chunks
+        return self
+
+    def __iter__(self) -> "ReplyStream":
+        return self
+
+    def __next__(self) -> Any:
+        return next(self._chunks)
+
+    def cancel(self) -> None:
+        self._cancelled = True
+        for stream in list(self._streams):
+            stream.cancel()
+
+    def close(self) -> None:
+        close = getattr(self._chunks, "close", None)
+        if close is not None:
+            close()
+
+
 @dataclass(frozen=True)
 class GenerateOutput:
     """A finished reply: its text, finish reason, token count and how its prompt was fitted."""

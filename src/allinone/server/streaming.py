@@ -17,6 +17,9 @@ from fastapi import Request
 from ..errors import CancelledError
 from ..results import ChatChunk, ChatResult
 
+#: seconds between two checks that the client is still there, while a chunk is awaited
+WATCH_S = 0.25
+
 
 class ChunkStream:
     """An async view of a blocking chunk iterator.
@@ -30,9 +33,48 @@ class ChunkStream:
         self._lock = threading.Lock()
         self._done = False
 
-    async def next(self) -> ChatChunk | None:
-        """The next chunk, or ``None`` after the last one. Errors of the engine propagate."""
-        return await anyio.to_thread.run_sync(self._step)
+    async def next(self, request: Request | None = None) -> ChatChunk | None:
+        """The next chunk, or ``None`` after the last one. Errors of the engine propagate.
+
+        With ``request``, the client is watched while the chunk is awaited (every
+        :data:`WATCH_S` seconds), so a client gone during a long prompt is noticed: the reply
+        is cancelled (the engine drops it within one prompt slice) and this raises.
+
+        Raises:
+            CancelledError: the client disconnected (only with ``request``).
+        """
+        if request is None:
+            return await anyio.to_thread.run_sync(self._step)
+        gone = False
+
+        async def watch() -> None:
+            nonlocal gone
+            while not await request.is_disconnected():
+                await anyio.sleep(WATCH_S)
+            gone = True
+            self.cancel()
+
+        error: Exception | None = None
+        async with anyio.create_task_group() as group:
+            group.start_soon(watch)
+            try:
+                item = await anyio.to_thread.run_sync(self._step)
+            except Exception as exc:  # raised below: out of the group it is not an ExceptionGroup
+                error = exc
+            finally:
+                group.cancel_scope.cancel()
+        if error is not None:
+            raise error
+        if gone:
+            raise CancelledError("the client disconnected")
+        return item
+
+    def cancel(self) -> None:
+        """Stop the reply from any thread, without waiting for a step in progress (a reply
+        iterator without ``cancel`` is stopped by :meth:`aclose` only)."""
+        cancel = getattr(self._chunks, "cancel", None)
+        if cancel is not None:
+            cancel()
 
     async def aclose(self) -> None:
         """Stop generation (idempotent). Shielded so it also runs in a cancelled request."""
@@ -59,8 +101,8 @@ class ChunkStream:
 
 
 async def collect(request: Request, stream: ChunkStream) -> ChatResult:
-    """Join a reply stream into one :class:`ChatResult`, checking between chunks that the client
-    is still connected.
+    """Join a reply stream into one :class:`ChatResult`, checking while it is computed that the
+    client is still connected (:meth:`ChunkStream.next`).
 
     Raises:
         CancelledError: the client disconnected; generation has been stopped.
@@ -68,10 +110,8 @@ async def collect(request: Request, stream: ChunkStream) -> ChatResult:
     """
     chunks: list[ChatChunk] = []
     try:
-        while (chunk := await stream.next()) is not None:
+        while (chunk := await stream.next(request)) is not None:
             chunks.append(chunk)
-            if chunk.finish_reason is None and await request.is_disconnected():
-                raise CancelledError("the client disconnected")
     finally:
         await stream.aclose()
     return ChatResult.from_chunks(chunks)

@@ -61,7 +61,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> dic
     try:
         # Wait for the first chunk before answering, so that errors raised on the worker
         # (e.g. the prompt cannot fit the context) still get their proper status code.
-        first = await stream.next()
+        first = await stream.next(request)
     except BaseException:
         await stream.aclose()
         slot.release()
