@@ -40,8 +40,6 @@ def run(settings: Settings, *, log_level: str = "info") -> None:
     """Serve :func:`create_app` ``(settings)`` on ``settings.host:port`` until SIGTERM/SIGINT,
     then stop as the module docstring says (a second signal stops at once; the times are in
     :mod:`.state`)."""
-    import uvicorn
-
     app = create_app(settings)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=log_level,
                             timeout_graceful_shutdown=GRACEFUL_S)

@@ -120,7 +120,7 @@ class ServerState:
     def drain(self) -> None:
         """Fail the model work still queued or running with ``ShuttingDownError`` (a 503 error
         object, or a stream's last error event) and free the model; later model requests get
-        the same 503. ``allinone serve`` calls it a few seconds after SIGTERM (``app.DRAIN_S``)."""
+        the same 503. ``allinone serve`` calls it :data:`DRAIN_S` seconds after SIGTERM."""
         ai = self.ai
         if self.owns_ai and ai is not None:
             ai.close(grace=0)
