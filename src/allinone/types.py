@@ -20,6 +20,7 @@ ROLES = ("system", "user", "assistant")
 
 #: the largest accepted sampling seed (numpy's generators take seeds in [0, 2**64))
 MAX_SEED = 2**64 - 1
+#: the smallest: OpenAI's clients send signed 64-bit seeds (read modulo 2**64)
 MIN_SEED = -(2**63)
 
 

@@ -73,7 +73,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> dic
         await stream.aclose()
         slot.release()
 
-    # at shutdown the stream may go on until the drain (app.DRAIN_S) ends it with an error event
+    # at shutdown the stream may go on until the drain (state.DRAIN_S) ends it with an error event
     return _SSEResponse(events, on_close=on_close, sep="\n", ping=15, shutdown_grace_period=SSE_GRACE_S)
 
 
