@@ -8,8 +8,9 @@ ends the request: the last chunk, an error, or the client going away.
 
 from __future__ import annotations
 
+import contextlib
 import threading
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 
 import anyio
 from fastapi import Request
@@ -33,18 +34,20 @@ class ChunkStream:
         self._lock = threading.Lock()
         self._done = False
 
-    async def next(self, request: Request | None = None) -> ChatChunk | None:
-        """The next chunk, or ``None`` after the last one. Errors of the engine propagate.
+    async def next(self) -> ChatChunk | None:
+        """The next chunk, or ``None`` after the last one. Errors of the engine propagate."""
+        return await anyio.to_thread.run_sync(self._step)
 
-        With ``request``, the client is watched while the chunk is awaited (every
-        :data:`WATCH_S` seconds), so a client gone during a long prompt is noticed: the reply
-        is cancelled (the engine drops it within one prompt slice) and this raises.
+    @contextlib.asynccontextmanager
+    async def watching(self, request: Request) -> AsyncIterator[None]:
+        """Watch the client (every :data:`WATCH_S` seconds) while the block runs, so a client
+        gone during a long prompt is noticed: the reply is cancelled (the engine drops it within
+        one prompt slice) and the block ends with :class:`CancelledError`. One watcher for the
+        whole block, not one per chunk.
 
         Raises:
-            CancelledError: the client disconnected (only with ``request``).
+            CancelledError: the client disconnected.
         """
-        if request is None:
-            return await anyio.to_thread.run_sync(self._step)
         gone = False
 
         async def watch() -> None:
@@ -58,16 +61,15 @@ class ChunkStream:
         async with anyio.create_task_group() as group:
             group.start_soon(watch)
             try:
-                item = await anyio.to_thread.run_sync(self._step)
+                yield
             except Exception as exc:  # raised below: out of the group it is not an ExceptionGroup
                 error = exc
             finally:
                 group.cancel_scope.cancel()
-        if error is not None:
-            raise error
         if gone:
             raise CancelledError("the client disconnected")
-        return item
+        if error is not None:
+            raise error
 
     def cancel(self) -> None:
         """Stop the reply from any thread, without waiting for a step in progress (a reply
@@ -102,7 +104,7 @@ class ChunkStream:
 
 async def collect(request: Request, stream: ChunkStream) -> ChatResult:
     """Join a reply stream into one :class:`ChatResult`, checking while it is computed that the
-    client is still connected (:meth:`ChunkStream.next`).
+    client is still connected (:meth:`ChunkStream.watching`).
 
     Raises:
         CancelledError: the client disconnected; generation has been stopped.
@@ -110,8 +112,9 @@ async def collect(request: Request, stream: ChunkStream) -> ChatResult:
     """
     chunks: list[ChatChunk] = []
     try:
-        while (chunk := await stream.next(request)) is not None:
-            chunks.append(chunk)
+        async with stream.watching(request):
+            while (chunk := await stream.next()) is not None:
+                chunks.append(chunk)
     finally:
         await stream.aclose()
     return ChatResult.from_chunks(chunks)

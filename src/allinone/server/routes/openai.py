@@ -61,7 +61,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> dic
     try:
         # Wait for the first chunk before answering, so that errors raised on the worker
         # (e.g. the prompt cannot fit the context) still get their proper status code.
-        first = await stream.next(request)
+        async with stream.watching(request):
+            first = await stream.next()
     except BaseException:
         await stream.aclose()
         slot.release()
