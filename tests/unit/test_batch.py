@@ -261,15 +261,15 @@ def test_a_changed_input_task_or_parameters_is_refused_unless_restarted(make, tm
     out = tmp_path / "out.jsonl"
     with pytest.raises(Stop):
         make().batch("t", src, out, chunk_rows=4, progress=stop_after(4))
-    with pytest.raises(BatchConflictError, match="another params"):
+    with pytest.raises(BatchConflictError, match="another task parameters"):
         make().batch("t", src, out, chunk_rows=4, labels=["good", "bad", "meh"])
     (tasks_dir / "t.toml").write_text(TASK.replace("Good or bad?", "Good or bad, really?"), encoding="utf-8")
-    with pytest.raises(BatchConflictError, match="another task"):
+    with pytest.raises(BatchConflictError, match="another task declaration"):
         make().batch("t", src, out, chunk_rows=4)
     (tasks_dir / "t.toml").write_text(TASK, encoding="utf-8")
     with src.open("a", encoding="utf-8") as fh:
         fh.write(json.dumps({"id": "new", "text": "one more +"}) + "\n")
-    with pytest.raises(BatchConflictError, match="another input.*input file changed.*--restart"):
+    with pytest.raises(BatchConflictError, match="another input file .changed since it started.; use --restart"):
         make().batch("t", src, out, chunk_rows=4)
     summary = make().batch("t", src, out, chunk_rows=4, restart=True)
     assert (summary.resumed_from, summary.rows) == (0, 13)

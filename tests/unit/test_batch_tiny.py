@@ -116,7 +116,7 @@ def test_sigkill_mid_run_then_the_same_command_gives_every_row_once(setup, tmp_p
         fh.write(json.dumps({"id": "late", "text": "one more"}) + "\n")
     refused = subprocess.run(cmd, capture_output=True, text=True, env=env(), timeout=300)
     assert refused.returncode == 2
-    assert "input file changed" in refused.stderr and "--restart" in refused.stderr
+    assert "another input file (changed since it started)" in refused.stderr and "--restart" in refused.stderr
     assert out.read_text(encoding="utf-8").splitlines() == lines
 
 
@@ -182,7 +182,10 @@ def test_a_learned_task_serves_the_batch_and_a_new_fit_is_a_changed_task(setup, 
             ai.batch("t", src, out, chunk_rows=4, progress=stop)
         learned = [ai.run("t", t).scores for t in texts]
     learn(flip=True)  # fit again: the task now answers otherwise
-    with AllInOne.load(**options) as ai, pytest.raises(BatchConflictError, match="another task"):
+    with AllInOne.load(**options) as ai, pytest.raises(BatchConflictError, match="another learned artifact"):
+        ai.batch("t", src, out, chunk_rows=4)
+    learn(flip=False)  # the first fit back, served by prompting: the refusal names what changed
+    with AllInOne.load(**{**options, "learned": False}) as ai, pytest.raises(BatchConflictError, match="another learned artifact"):
         ai.batch("t", src, out, chunk_rows=4)
     learn(flip=False)  # the first fit back: the job goes on
     with AllInOne.load(**options) as ai:

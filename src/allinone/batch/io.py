@@ -397,11 +397,10 @@ class Output:
             self.staging.write_bytes(b"")
             self._write_manifest()
             return State()
-        changed = [k for k in sorted(set(job) | set(saved["job"])) if job.get(k) != saved["job"].get(k)]
+        changed = _changed(job, saved["job"])
         if changed:
-            raise BatchConflictError(f"{self.path} belongs to a job with another {', '.join(changed)} (the "
-                                     f"{'input file changed' if 'input' in changed else 'job changed'} since it "
-                                     "started); use --restart to start over")
+            raise BatchConflictError(f"{self.path} belongs to a job with another {', '.join(changed)} (changed "
+                                     "since it started); use --restart to start over")
         self._job, self._bytes = job, saved["bytes"]
         self._state = State(saved["rows"], saved["ok"], saved["failed"], saved["complete"], saved.get("seconds", 0.0))
         if not self._state.complete or self.staging.exists():
@@ -516,3 +515,28 @@ def write_parquet(staging: Path, target: Path, columns: Any) -> None:
                 rows = []
         if rows:
             writer.write_table(pa.Table.from_pylist(rows, schema=schema))
+
+
+#: how a refused rerun names what differs, by (part of the job, key in it)
+_CHANGE_NAMES = {("task", "name"): "task", ("task", "declaration"): "task declaration",
+                 ("task", "learned"): "learned artifact (a fit, a reset, or learned on/off)",
+                 ("model", "model"): "model"}
+
+
+def _changed(job: dict[str, Any], saved: dict[str, Any]) -> list[str]:
+    """What differs between a job and the one an output was started with, in words."""
+    out: list[str] = []
+    for part in sorted(set(job) | set(saved)):
+        now, then = job.get(part), saved.get(part)
+        if now == then:
+            continue
+        if part == "input":
+            out.append("input file")
+        elif part == "params":
+            out.append("task parameters")
+        elif isinstance(now, dict) and isinstance(then, dict):
+            keys = [k for k in sorted(set(now) | set(then)) if now.get(k) != then.get(k)]
+            out += [_CHANGE_NAMES.get((part, k), f"setting {k}" if part == "model" else f"{part} {k}") for k in keys]
+        else:
+            out.append(part)
+    return out
