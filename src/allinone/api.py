@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from .engine import DEFAULT, DeviceLock, Engine, EngineStats, GenerationStream, ModelInfo, ReplyStream, collect
 from .errors import AllInOneError, InvalidInputError, ModelSourceError
 from .learn.artifacts import Artifact, ArtifactStore, save
+from .learn.artifacts import load as load_artifact
 from .models import ModelSource, default_cache_dir, resolve_model
 from .results import AnalyzeResult, ChatChunk, ChatResult, ClassifyResult, TaskResult
 from .settings import Settings
@@ -324,7 +325,9 @@ class AllInOne:
 
         Returns:
             The report: task, chosen method, path (``None`` when prompting won), rows, the
-            cross-validation figures of every method, seconds, rows/s.
+            cross-validation figures of every method, seconds, rows/s; ``replaces`` when the
+            new artifact hides one shipped with the package (its path and data:
+            :meth:`reset_fit` goes back to it).
 
         Raises:
             TrainingDataError: bad rows (naming the file and line); nothing is written.
@@ -386,11 +389,33 @@ class AllInOne:
             return report  # prompting won: nothing to keep
         meta = {"task": task, "kind": kind.name, **extra, "model_sha256": sha, "model": self.model_id,
                 "data": rows.describe(), "cv": cv, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-        declared_in = Path(spec.source) if spec.source and not spec.source.startswith("<") else None
-        path = save(Artifact(meta, head_tensors), self.artifacts.target(task, sha, declared_in=declared_in))
+        path = save(Artifact(meta, head_tensors), self.artifacts.target(task, sha, declared_in=_declared_in(spec)))
         self._forget(task)
         report["path"] = str(path)
+        shipped = self.artifacts.shipped(task, sha)
+        if shipped is not None:  # the user's fit is found first from now on: say what it hides
+            report["replaces"] = {"path": str(shipped), "data": load_artifact(shipped).meta.get("data")}
         return report
+
+    def reset_fit(self, task: str) -> dict[str, Any]:
+        """Undo :meth:`fit` for this model: delete the artifact it wrote for ``task`` (in the
+        tasks folder or the cache), so that the artifact shipped with the package, if any, or
+        the prompt serves the task again. A shipped artifact is never deleted.
+
+        Returns:
+            ``{"task", "removed": [paths], "method": what serves the task now}``; ``removed`` is
+            empty when there was no fit of the user's to delete.
+
+        Raises:
+            UnknownTaskError: no such task.
+            ArtifactError: the file cannot be deleted.
+        """
+        spec = self.tasks.get(task)
+        removed: list[Path] = []
+        if self.model_sha256 is not None:
+            removed = self.artifacts.remove(task, self.model_sha256, declared_in=_declared_in(spec))
+        self._forget(task)
+        return {"task": task, "removed": [str(p) for p in removed], "method": self.describe_task(task)["method"]}
 
     def _compile_prompt_only(self, spec: TaskSpec, kind: TaskKind, req: Request) -> Any:
         key = (spec.name, id(spec), req.compile_key, "fit")
@@ -767,3 +792,9 @@ def _any_cjk(texts: Sequence[str]) -> bool:
     from .tasks import detect_lang
 
     return any(detect_lang(t) == "zh" for t in texts)
+
+
+def _declared_in(spec: TaskSpec) -> Path | None:
+    """The file a task was declared in (its artifact goes next to it), or None (built-in or
+    registered from Python: the cache)."""
+    return Path(spec.source) if spec.source and not spec.source.startswith("<") else None

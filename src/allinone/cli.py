@@ -405,6 +405,8 @@ def tasks(as_json: JsonOpt = False, options: Optional[dict] = None) -> None:
             else:
                 figure = f"CV macro-F1 {cv.get(learned['method'], {}).get('macro_f1')}"
             how += f" (fit on {learned['data']['file']}, {learned['data']['rows']} rows; {figure})"
+        elif row.get("note"):  # a fit exists but cannot serve: say why
+            how += f" ({row['note'].removesuffix(': prompting')})"
         print(f"{row['name']}\t{row['kind']}\t{how}\t{row['description']}")
 
 
@@ -413,11 +415,12 @@ def tasks(as_json: JsonOpt = False, options: Optional[dict] = None) -> None:
 @with_settings()
 def fit(
     task: Annotated[str, typer.Argument(help="a classify task or a span task such as ner (see `allinone tasks`)")],
-    data: Annotated[list[Path], typer.Option("--data", "-d", help="JSONL rows with 'text' and 'label', or 'text' and 'entities' (repeatable)")],
+    data: Annotated[Optional[list[Path]], typer.Option("--data", "-d", help="JSONL rows with 'text' and 'label', or 'text' and 'entities' (repeatable)")] = None,
     method: Annotated[str, typer.Option(help="auto (best by cross-validation); classify: calibrate, head or head+logprobs; span tasks: tagger")] = "auto",
     limit: Annotated[Optional[list[int]], typer.Option(help="only the first N rows of each file; repeated: one N per --data file, in order")] = None,
     augment: Annotated[bool, typer.Option("--augment/--no-augment", help="also train on copies of 30% of the rows with an instruction appended")] = True,
     split_chars: Annotated[Optional[bool], typer.Option("--split-chars/--no-split-chars", help="span tasks: a token per CJK character (default: when any row is CJK text)")] = None,
+    reset: Annotated[bool, typer.Option("--reset", help="delete your fit of TASK for this model instead: the shipped artifact, if any, or the prompt serves it again")] = False,
     as_json: JsonOpt = False, options: Optional[dict] = None,
 ) -> None:
     """Learn TASK from labelled rows: every method is scored by cross-validation on the rows, the
@@ -427,6 +430,18 @@ def fit(
     from .learn.data import load_labelled, load_spans
 
     spec = _registry(options).get(task)
+    if reset:
+        if data:
+            raise InvalidInputError("--reset takes no --data")
+        undone = _load(options).reset_fit(task)
+        if as_json:
+            _dump(undone)
+        else:
+            removed = ", ".join(undone["removed"]) or f"nothing: no fit of {task} of yours for this model"
+            print(f"removed {removed}; {task} is served by {undone['method']}")
+        return
+    if not data:
+        raise InvalidInputError("give the training rows: --data FILE.jsonl (or --reset)")
     if spec.spans is not None:  # bad rows fail before the model loads
         load_spans(data, list(spec.spans.types), limit=limit)
     else:
@@ -441,8 +456,17 @@ def fit(
     try:
         report = ai.fit(task, data, method=method, limit=limit, augment=augment, split_chars=split_chars,
                         progress=progress)
+    except KeyboardInterrupt:
+        bar.close()
+        err.print(f"interrupted: nothing was saved; what served {task} before still does", highlight=False)
+        raise typer.Exit(130) from None
     finally:
         bar.close()
+    if "replaces" in report:
+        shipped = report["replaces"].get("data") or {}
+        err.print(f"note: this fit now serves {task} instead of the one shipped with allinone (fit on "
+                  f"{shipped.get('file', '?')}, {shipped.get('rows', '?')} rows); "
+                  f"`allinone fit {task} --reset` goes back to it", highlight=False, soft_wrap=True)
     if as_json:
         _dump(report)
         return

@@ -5,6 +5,7 @@ an interrupted fit keeps the previous artifact, and a task fit from the CLI is s
 from __future__ import annotations
 
 import json
+import os
 import random
 from pathlib import Path
 
@@ -143,6 +144,7 @@ def test_a_head_fit_on_another_version_of_the_prompt_is_not_used(tiny_ai):
 @pytest.mark.parametrize("lines,message", [
     (['{"text": "a zebra", "label": "zebra"}', 'not json'], r"train.jsonl:2: not a JSON line"),
     (['{"text": "a zebra"}'], r"train.jsonl:1: missing 'label'"),
+    (['{"text": "a zebra", "label": 1}'], r"train.jsonl:1: 'label' must be a non-empty string, got 1"),
     (['{"text": "a lion", "label": "lion"}'], r"train.jsonl:1: label 'lion' is not one of the task's labels"),
     (['{"text": "  ", "label": "yak"}'], r"train.jsonl:1: 'text' must be a non-empty string"),
     (['{"text": "a zebra", "label": "zebra"}'] * 20 + ['{"text": "a yak", "label": "yak"}'] * 3,
@@ -155,6 +157,13 @@ def test_bad_training_data_is_refused_with_file_and_line(tmp_path, lines, messag
         load_labelled(path, ["zebra", "yak"])
 
 
+def test_a_byte_order_mark_is_not_part_of_the_first_row(tmp_path):
+    path = tmp_path / "excel.jsonl"
+    rows = [{"text": f"a {lab} {i}", "label": lab} for i in range(MIN_ROWS_PER_LABEL) for lab in ("zebra", "yak")]
+    path.write_bytes(b"\xef\xbb\xbf" + "".join(json.dumps(r) + "\n" for r in rows).encode())
+    assert load_labelled(path, ["zebra", "yak"]).texts[0] == "a zebra 0"
+
+
 def test_a_row_limit_is_one_for_every_file_or_one_per_file(tmp_path):
     a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
     for path, word in ((a, "zebra"), (b, "yak")):
@@ -163,6 +172,8 @@ def test_a_row_limit_is_one_for_every_file_or_one_per_file(tmp_path):
     assert [n for _, _, n in load_labelled([a, b], ["zebra", "yak"], limit=20).files] == [20, 20]
     rows = load_labelled([a, b], ["zebra", "yak"], limit=[24, 10])
     assert [n for _, _, n in rows.files] == [24, 10] and rows.texts[23] == "a zebra 11" and rows.texts[24] == "a yak 0"
+    with pytest.raises(TrainingDataError, match=r"at least \d+ rows \(with a row limit: the first rows of each file\); too few: zebra \(1\), yak \(0\)"):
+        load_labelled(a, ["zebra", "yak"], limit=1)
     with pytest.raises(TrainingDataError, match="3 row limits for 2 files"):
         load_labelled([a, b], ["zebra", "yak"], limit=[5, 5, 5])
     for bad in (-5, 0, [10, -1]):
@@ -247,6 +258,8 @@ def test_a_task_fit_from_the_cli_is_served_over_http_with_what_it_learned(tiny_a
     listed = CliRunner().invoke(app, ["tasks", "--json", *model])
     row = next(r for r in json.loads(listed.stdout) if r["name"] == "animal")
     assert row["method"] == "prompt" and "another version of the task's prompt" in row["note"]
+    plain = CliRunner().invoke(app, ["tasks", *model]).stdout
+    assert "animal\tclassify\tprompt (" in plain and "another version of the task's prompt" in plain  # says why
 
 
 def test_training_phrasings_are_not_the_evaluations():
@@ -310,3 +323,47 @@ def test_a_text_shorter_than_every_fit_row_is_scored_by_the_prompt(tiny_ai):
         short, long = "zebra", "the zebra of the yak and a zebra is it"
         assert ai.run("animal", short).scores == pytest.approx(plain.run("animal", short).scores, abs=1e-3)
         assert ai.run("animal", long).scores != pytest.approx(plain.run("animal", long).scores, abs=1e-2)
+
+
+def test_a_head_reads_the_prompt_it_was_fit_on_whatever_order_the_labels_come_in(tiny_ai):
+    ai, tmp = tiny_ai
+    ai.register_task({k: v for k, v in TASK.items() if k != "labels"} | {"name": "which"})  # labels per request
+    ai.fit("which", write_rows(tmp / "train.jsonl", synthetic(120, seed=5)), method="head", augment=False)
+    text = "the zebra of the yak and a zebra is it on the"
+    fit_order = ai.run("which", text, labels=["yak", "zebra"]).scores  # the fit lists labels sorted
+    for labels in (["zebra", "yak"], {"zebra": "a striped horse", "yak": "a hairy ox"}):
+        assert ai.run("which", text, labels=labels).scores == pytest.approx(fit_order, abs=1e-6)
+
+
+def test_a_fit_that_hides_a_shipped_artifact_says_so_and_reset_goes_back_to_it(tiny_ai, monkeypatch):
+    ai, tmp = tiny_ai
+    data = write_rows(tmp / "train.jsonl", synthetic(60, seed=6))
+    shipped = ArtifactStore(tmp / "shipped").target("animal", ai.model_sha256)
+    shipped.parent.mkdir(parents=True)
+    ai.fit("animal", data, method="calibrate", augment=False)
+    os.replace(ai.artifacts.target("animal", ai.model_sha256, declared_in=tmp / "tasks" / "animal.toml"), shipped)
+    candidates = ArtifactStore.candidates
+    monkeypatch.setattr(ArtifactStore, "candidates", lambda self, task, sha: [*candidates(self, task, sha)[:-1], shipped])
+    ai._forget("animal")
+    assert ai.describe_task("animal")["learned"]["path"] == str(shipped)
+
+    report = ai.fit("animal", data, method="head", augment=False)
+    assert report["replaces"] == {"path": str(shipped), "data": artifacts.load(shipped).meta["data"]}
+    assert ai.describe_task("animal")["method"] == "head"
+    undone = ai.reset_fit("animal")
+    assert undone["removed"] == [report["path"], str(Path(report["path"]).with_suffix(".json"))]
+    assert undone["method"] == "calibrate" and shipped.is_file()  # the shipped one serves again, untouched
+    assert ai.reset_fit("animal")["removed"] == []  # nothing of the user's left: nothing to do
+
+
+def test_fit_reset_from_the_cli(tiny_ai):
+    ai, tmp = tiny_ai
+    model = ["--model", str(tmp / "model.gguf"), "--backend", "llamacpp", "--n-ctx", "1024",
+             "--cache-dir", str(tmp / "cache"), "--tasks-dir", str(tmp / "tasks")]
+    ai.fit("animal", write_rows(tmp / "train.jsonl", synthetic(60, seed=7)), method="calibrate", augment=False)
+    out = CliRunner().invoke(app, ["fit", "animal", "--reset", *model])
+    assert out.exit_code == 0, out.output
+    assert out.stdout.startswith(f"removed {tmp / 'tasks'}") and out.stdout.rstrip().endswith("animal is served by prompt")
+    assert not list((tmp / "tasks").glob("animal.*.safetensors"))
+    wrong = CliRunner().invoke(app, ["fit", "animal", *model])
+    assert wrong.exit_code == 2 and "--data" in wrong.output

@@ -157,6 +157,31 @@ class ArtifactStore:
         out.append(Path(str(resources.files(__package__) / "shipped" / f"{task}.{key}.safetensors")))
         return out
 
+    def shipped(self, task: str, sha256: str) -> Path | None:
+        """The artifact of ``task`` shipped with the package for this model, if there is one."""
+        path = self.candidates(task, sha256)[-1]
+        return path if path.is_file() else None
+
+    def remove(self, task: str, sha256: str, *, declared_in: Path | None = None) -> list[Path]:
+        """Delete the user's fit of ``task`` for this model (the file :meth:`target` names and
+        its ``.json``), so that the shipped artifact, if any, or the prompt serves it again.
+        Shipped artifacts are never removed. Returns the paths deleted (none: nothing was fit).
+
+        Raises:
+            ArtifactError: a file cannot be deleted.
+        """
+        path = self.target(task, sha256, declared_in=declared_in)
+        removed = []
+        for target in (path, path.with_suffix(".json")):
+            try:
+                target.unlink()
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                raise ArtifactError(f"cannot remove {target}: {exc.strerror or exc}") from None
+            removed.append(target)
+        return removed
+
     def find(self, task: str, sha256: str) -> Artifact | None:
         """The first artifact of ``task`` fit for this model, or None.
 

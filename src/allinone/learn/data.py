@@ -70,7 +70,7 @@ def _rows(path: Path, limit: int | None) -> list[tuple[int, dict[str, Any]]]:
         raise TrainingDataError(f"no such training file: {path}")
     out = []
     try:
-        with path.open(encoding="utf-8") as fh:
+        with path.open(encoding="utf-8-sig") as fh:  # a BOM, as spreadsheet exports write, is not data
             for lineno, line in enumerate(fh, 1):
                 if limit is not None and len(out) >= limit:
                     break
@@ -121,8 +121,10 @@ def load_labelled(path: str | Path | Sequence[str | Path], labels: Sequence[str]
         rows = _rows(p, n)
         for lineno, row in rows:
             label = row.get("label")
-            if not isinstance(label, str) or not label:
+            if label is None:
                 raise TrainingDataError(f"{p}:{lineno}: missing 'label' (a string)")
+            if not isinstance(label, str) or not label:
+                raise TrainingDataError(f"{p}:{lineno}: 'label' must be a non-empty string, got {json.dumps(label)}")
             if labels is not None and label not in labels:
                 raise TrainingDataError(f"{p}:{lineno}: label {label!r} is not one of the task's labels: "
                                         f"{', '.join(labels)}")
@@ -136,7 +138,9 @@ def load_labelled(path: str | Path | Sequence[str | Path], labels: Sequence[str]
         raise TrainingDataError(f"{where}: needs rows of at least two labels")
     short = [f"{lab} ({counts.get(lab, 0)})" for lab in wanted if counts.get(lab, 0) < min_per_label]
     if short:
-        raise TrainingDataError(f"{where}: every label needs at least {min_per_label} rows; too few: {', '.join(short)}")
+        cut = " (with a row limit: the first rows of each file)" if any(n is not None for n in _limits(paths, limit)) else ""
+        raise TrainingDataError(f"{where}: every label needs at least {min_per_label} rows{cut}; "
+                                f"too few: {', '.join(short)}")
     return TrainingData(tuple(files), texts, labels=found)
 
 

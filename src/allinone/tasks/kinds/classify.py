@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import threading
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -176,7 +176,15 @@ class ClassifyKind(TaskKind):
                 artifact: Artifact | None = None) -> ClassifyTask:
         learned = LearnedHead.from_artifact(artifact) if self.applies(artifact, req) else None
         if learned is not None:
-            layout = "single"  # the head reads the states of the prompt it was fit on
+            # The head reads the states of the prompt it was fit on: the same layout, and the
+            # labels listed in the fit's order with the fit's descriptions (the declared ones,
+            # or none), whatever order and descriptions this request gives.
+            layout = "single"
+            fit_order = list(learned.head.labels)
+            if [lab.name for lab in spec.labels] == fit_order:
+                req = replace(req, labels=tuple((lab.name, lab.description) for lab in spec.labels))
+            else:
+                req = replace(req, labels=tuple((name, "") for name in fit_order))
         lang = req.lang
         names = [n for n, _ in req.labels]
         descriptions = dict(req.labels)
