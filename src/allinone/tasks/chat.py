@@ -182,11 +182,27 @@ HARM_PATTERNS = (
     r"\bthreaten", r"\b(?:death|bomb) threat", r"blackmail", r"extort", r"break into",
     r"without (?:getting caught|a background check|them knowing|(?:him|her) knowing)",
     r"\btricks? (?:people|someone|them)", r"\billegal(?:ly)? (?:guns?|weapons?|firearms?|drugs?)",
-    r"suicide", r"self[- ]harm", r"someone's password", r"\bstalk(?:ing|ed|er)?\b",
+    r"someone's password", r"\bstalk(?:ing|ed|er)?\b",
     r"炸弹", r"炸药", r"爆炸物", r"(?<!水)(?<!玩具)枪", r"武器", r"弹药", r"毒药", r"下毒", r"投毒", r"毒气", r"杀人", r"杀死(?!细菌|病毒|害虫)", r"杀掉",
-    r"自杀", r"自残", r"伤害(?:他|她|别人|他人)", r"毒品", r"冰毒", r"海洛因", r"大麻", r"入侵(?=别人|他人|他的|她的|系统|网站|账号|账户|电脑|手机|服务器)",
+    r"结束(?:自己的)?生命", r"杀了自己", r"伤害(?:他|她|别人|他人)", r"毒品", r"冰毒", r"海洛因", r"大麻", r"入侵(?=别人|他人|他的|她的|系统|网站|账号|账户|电脑|手机|服务器)",
     r"骗(?:别人|他人)", r"冒充", r"撬", r"威胁(?=他|她|我的|别人|他人|同事|邻居|对方)", r"恐吓", r"勒索", r"非法(?:获取|购买|入侵|集资|持有|出售)", r"违禁",
     r"不被发现",
+)
+#: how a message asks for something (a question how to, "help me", "I want to", an imperative
+#: opening a sentence, "教我", "怎么" ...): a harm's words count only in a message that asks, so
+#: telling of one ("My friend died by suicide last year", "the film's murder scene", a review
+#: quoted for a task) is never declined; 53 of the 6,000 SST-2 pool sentences named a harm
+#: (murder, guns, drugs, steal, scam) without asking for anything
+REQUEST_PATTERNS = (
+    r"\bhow (?:do|does|did|can|could|would|should|to|might|will|much|many)\b", r"\bhow\b[^.!?]*\?",
+    r"\b(?:best|easiest|quickest|fastest|safest|cheapest|simplest) way", r"\bways? (?:to|of)\b", r"\bis there a way\b",
+    r"\b(?:help|teach|show|tell|give|get|find) (?:me|us)\b", r"\bstep[- ]by[- ]step\b", r"\binstructions?\b", r"\bguide\b",
+    r"\bwhere (?:can|could|do|should|would) (?:i|we|one)\b", r"\bwhat should (?:i|we)\b",
+    r"\b(?:i|we) (?:want|need|plan|intend|would like|wanna) to\b", r"\b(?:i|we)(?:'m| am|'re| are) (?:going|planning|trying) to\b",
+    r"\b(?:i|we)(?:'d| would) like to\b", r"\b(?:can|could|would|will) you\b",
+    r"(?:^|[.!?]\s+)(?:please\s+)?(?:write|create|make|build|generate|draft|compose|explain|describe|design|plan|find|give|"
+    r"teach|show|tell|help|code|list|buy|get|do)\b",
+    r"怎么|怎样|如何|教我|帮我|告诉我|给我|方法|步骤|哪里|我想|我要|能不能|可以吗|有什么办法|办法|请你|请帮|写一|写个|做一|做个",
 )
 #: harms that people often ask to guard against ("how to prevent phishing", "防止黑客访问"):
 #: they count only without a defence (:data:`DEFENSIVE_PATTERNS`) in the
@@ -205,15 +221,19 @@ DEFENSIVE_PATTERNS = (
 #: characters before a guardable harm's words searched for a defence ("protect my email from hackers")
 DEFENSIVE_REACH = 24
 _HARM = re.compile("|".join(HARM_PATTERNS), re.IGNORECASE)
+_REQUEST = re.compile("|".join(REQUEST_PATTERNS), re.IGNORECASE)
 _GUARDABLE = re.compile("|".join(GUARDABLE_HARM_PATTERNS), re.IGNORECASE)
 _DEFENSIVE = re.compile("|".join(DEFENSIVE_PATTERNS), re.IGNORECASE)
 
 
 def looks_harmful(request: str) -> bool:
-    """The request names a harm of :data:`HARM_PATTERNS`, or one of
-    :data:`GUARDABLE_HARM_PATTERNS` not guarded against just before it; then its refusal is
-    never replaced. A keyword rule: a harm worded without a listed word is not caught, and a
-    long passage quoted for a task (an article to summarize) can trip it."""
+    """The message asks for something (:data:`REQUEST_PATTERNS`) and names a harm of
+    :data:`HARM_PATTERNS`, or one of :data:`GUARDABLE_HARM_PATTERNS` not guarded against just
+    before it; then its refusal is never replaced. A keyword rule: a harm worded without a
+    listed word is not caught, and a long passage quoted for a task (an article to summarize)
+    that names a harm can trip it."""
+    if not _REQUEST.search(request):
+        return False
     return bool(_HARM.search(request)) or any(
         not _DEFENSIVE.search(request, max(0, m.start() - DEFENSIVE_REACH), m.start()) for m in _GUARDABLE.finditer(request))
 
