@@ -33,7 +33,7 @@ from .tasks import (
     kind_of,
     reply_chunks,
 )
-from .tasks.chat import DECLINE, DECLINE_OPENING, RETRY_OPENING, STEER, guard_refusals, looks_harmful
+from .tasks.chat import DECLINE, DECLINE_OPENING, RETRY_OPENING, STEER, guard_refusals, looks_harmful, tells_of_loss
 from .tasks.prompting import pick
 from .types import SamplingParams, check_text, is_blank
 
@@ -287,9 +287,11 @@ class AllInOne:
         plain = self._chat_request(messages, system, sampling)  # bad messages or options fail before any model call
         item = self._prepare(ANALYZE_SENTIMENT, text, {})
         sentiment = self._execute([item], text, timeout)[ANALYZE_SENTIMENT]
-        # the reply knows how the message sounds: a complaint gets an apology, good news joy
-        request = self._chat_request(messages, system, sampling, mood=sentiment.label)
-        return sentiment, self._reply(request, timeout, retry_from=plain, mood=sentiment.label)
+        # the reply knows how the message sounds: a complaint gets an apology, good news joy,
+        # a loss sympathy even when the head (fit on reviews) scores it positive
+        mood = "negative" if tells_of_loss(text) else sentiment.label
+        request = self._chat_request(messages, system, sampling, mood=mood)
+        return sentiment, self._reply(request, timeout, retry_from=plain, mood=mood)
 
     def fit(self, task: str, data: str | Path | Sequence[str | Path], *, method: str = "auto",
             limit: int | Sequence[int] | None = None,

@@ -185,3 +185,23 @@ def test_analyze_passes_the_sentiment_to_the_reply_and_chat_speaks_the_users_lan
     assert "你很温暖。" in backend.seen()[-1] and "acknowledge" not in backend.seen()[-1]
     ai.chat([{"role": "system", "content": "Be terse."}, {"role": "user", "content": "hi"}])
     assert "Be terse." in backend.seen()[-1] and "You are warm." not in backend.seen()[-1]
+
+
+def test_a_loss_gets_the_sad_mood_line_even_when_the_sentiment_reads_positive():
+    from allinone.tasks.chat import tells_of_loss
+
+    backend = FakeBackend("I'm so sorry.", label_logps={"positive": -0.1})  # the head's mistake on a loss
+    ai = make(backend)
+    ai.register_task({"name": "chat", "kind": "generate", "template": {"en": "{text}"},
+                      "instructions": {"en": "You are warm.", "zh": "你很温暖。"},
+                      "mood": {"negative": {"en": "Comfort them.", "zh": "安慰他。"},
+                               "positive": {"en": "Congratulate them."}}})
+    for message in ("My grandfather passed away last night.", "我养了十年的狗今天早上去世了。"):
+        result = ai.analyze(message)
+        assert result.sentiment.label == "positive"  # the score is shown as it is
+        assert "Congratulate" not in backend.seen()[-1] and ("Comfort them." in backend.seen()[-1]
+                                                             or "安慰他。" in backend.seen()[-1])
+    ai.analyze("I won the lottery today!")
+    assert "Congratulate them." in backend.seen()[-1]
+    assert not tells_of_loss("Why did so many soldiers die of cold in 1812?")  # not the user's own
+    assert not tells_of_loss("I finally lost ten kilos!") and tells_of_loss("We lost our dog last week.")

@@ -238,6 +238,30 @@ def looks_harmful(request: str) -> bool:
         not _DEFENSIVE.search(request, max(0, m.start() - DEFENSIVE_REACH), m.start()) for m in _GUARDABLE.finditer(request))
 
 
+#: a death or a loss the user tells of (English and Chinese). The sentiment head, fit on reviews,
+#: scored "我养了十年的狗今天早上去世了。" positive 0.90 and "My grandfather passed away last night."
+#: positive 0.69, and the good-news mood line then asked for congratulations (development
+#: prompts, docs/evaluation.md); such a message gets the sad mood line whatever its score
+LOSS_PATTERNS = (
+    r"\bpass(?:ed|es)? away\b", r"\b(?:died|has died|have died)\b", r"\bfuneral\b", r"\bmiscarriage\b",
+    r"\blost (?:my|our) (?:\w+ )?(?:mother|father|mom|mum|dad|wife|husband|partner|son|daughter|baby|child|brother|"
+    r"sister|friend|grandma|grandmother|granny|grandpa|grandfather|grandad|uncle|aunt|dog|cat|pet)\b",
+    r"\bput (?:my|our) (?:\w+ )?(?:dog|cat|pet) down\b",
+    r"去世", r"过世", r"离世", r"病逝", r"逝世", r"葬礼", r"死了", r"不在了", r"流产", r"失去了?(?:我的)?(?:妈妈|母亲|爸爸|父亲|奶奶|爷爷|外婆|外公|姥姥|姥爷|孩子|宝宝|丈夫|妻子|老公|老婆|朋友|狗|猫|宠物)",
+)
+#: the user speaks of their own life (a loss in a history question is not theirs)
+FIRST_PERSON = (r"\b(?:i|i'm|i've|my|we|our|me|us)\b", r"我")
+_LOSS = re.compile("|".join(LOSS_PATTERNS), re.IGNORECASE)
+_FIRST_PERSON = re.compile("|".join(FIRST_PERSON), re.IGNORECASE)
+
+
+def tells_of_loss(message: str) -> bool:
+    """The message tells of a death or loss in the user's own life (:data:`LOSS_PATTERNS` and a
+    first-person word): the reply's mood is then sadness, whatever the sentiment score. A
+    keyword rule: a loss told without a listed word keeps the score's mood."""
+    return bool(_LOSS.search(message)) and bool(_FIRST_PERSON.search(message))
+
+
 def is_refusal(reply: str) -> bool:
     """The reply opens (first :data:`OPENING_CHARS` characters) as a refusal (:data:`REFUSAL_PATTERNS`)."""
     return bool(_REFUSAL.search(reply[:OPENING_CHARS]))
