@@ -200,6 +200,8 @@ REQUEST_PATTERNS = (
     r"\bwhere (?:can|could|do|should|would) (?:i|we|one)\b", r"\bwhat should (?:i|we)\b",
     r"\b(?:i|we) (?:want|need|plan|intend|would like|wanna) to\b", r"\b(?:i|we)(?:'m| am|'re| are) (?:going|planning|trying) to\b",
     r"\b(?:i|we)(?:'d| would) like to\b", r"\b(?:can|could|would|will) you\b",
+    r"\b(?:i|we)(?:'ll| will| shall|'m gonna| am gonna| are gonna|'re gonna)\b",  # an intent told ("I will hurt him")
+    r"我(?:要|会|打算|准备)",
     r"(?:^|[.!?]\s+)(?:please\s+)?(?:write|create|make|build|generate|draft|compose|explain|describe|design|plan|find|give|"
     r"teach|show|tell|help|code|list|buy|get|do)\b",
     r"怎么|怎样|如何|教我|帮我|告诉我|给我|方法|步骤|哪里|我想|我要|能不能|可以吗|有什么办法|办法|请你|请帮|写一|写个|做一|做个",
