@@ -367,3 +367,18 @@ def test_fit_reset_from_the_cli(tiny_ai):
     assert not list((tmp / "tasks").glob("animal.*.safetensors"))
     wrong = CliRunner().invoke(app, ["fit", "animal", *model])
     assert wrong.exit_code == 2 and "--data" in wrong.output
+
+
+def test_ctrl_c_during_a_fit_from_the_cli_says_nothing_was_saved(tiny_ai, monkeypatch):
+    ai, tmp = tiny_ai
+    model = ["--model", str(tmp / "model.gguf"), "--backend", "llamacpp", "--n-ctx", "1024",
+             "--cache-dir", str(tmp / "cache"), "--tasks-dir", str(tmp / "tasks")]
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt  # what Ctrl-C raises in the main thread while the rows are computed
+
+    monkeypatch.setattr(AllInOne, "fit", interrupted)
+    out = CliRunner().invoke(app, ["fit", "animal", "--data", write_rows(tmp / "train.jsonl", synthetic(20, seed=8)), *model])
+    assert out.exit_code == 130
+    assert "interrupted: nothing was saved; what served animal before still does" in out.output
+    assert not list((tmp / "tasks").glob("animal.*.safetensors"))
