@@ -454,14 +454,12 @@ def fit(
         bar.update(done - bar.n)
 
     try:
-        report = ai.fit(task, data, method=method, limit=limit, augment=augment, split_chars=split_chars,
-                        progress=progress)
+        with bar:  # closed before any message below
+            report = ai.fit(task, data, method=method, limit=limit, augment=augment, split_chars=split_chars,
+                            progress=progress)
     except KeyboardInterrupt:
-        bar.close()
         err.print(f"interrupted: nothing was saved; what served {task} before still does", highlight=False)
         raise typer.Exit(130) from None
-    finally:
-        bar.close()
     if "replaces" in report:
         shipped = report["replaces"].get("data") or {}
         err.print(f"note: this fit now serves {task} instead of the one shipped with allinone (fit on "
