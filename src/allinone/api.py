@@ -33,7 +33,16 @@ from .tasks import (
     kind_of,
     reply_chunks,
 )
-from .tasks.chat import DECLINE, DECLINE_OPENING, RETRY_OPENING, STEER, guard_refusals, looks_harmful, tells_of_loss
+from .tasks.chat import (
+    DECLINE,
+    DECLINE_OPENING,
+    RETRY_OPENING,
+    STEER,
+    feeling_opening,
+    guard_refusals,
+    looks_harmful,
+    tells_of_loss,
+)
 from .tasks.prompting import pick
 from .types import SamplingParams, check_text, is_blank
 
@@ -291,7 +300,12 @@ class AllInOne:
         # a loss sympathy even when the head (fit on reviews) scores it positive
         mood = "negative" if tells_of_loss(text) else sentiment.label
         request = self._chat_request(messages, system, sampling, mood=mood)
-        return sentiment, self._reply(request, timeout, retry_from=plain, mood=mood)
+        # a feeling told (nothing asked) is met in the reply's first words, not left to the
+        # model; a caller's own system prompt decides how its assistant speaks
+        own_system = system is not None or any(m.get("role") == "system" for m in messages)
+        first = "" if own_system else feeling_opening(text, mood, sentiment.scores.get(sentiment.label, 0.0),
+                                                      detect_lang(text))
+        return sentiment, self._reply(request, timeout, retry_from=plain, mood=mood, reply_prefix=first)
 
     def fit(self, task: str, data: str | Path | Sequence[str | Path], *, method: str = "auto",
             limit: int | Sequence[int] | None = None,
@@ -689,7 +703,8 @@ class AllInOne:
         return self._reply(request, timeout)
 
     def _reply(self, request: ChatRequest, timeout: float | None, *,
-               retry_from: ChatRequest | None = None, mood: str | None = None) -> Iterator[ChatChunk]:
+               retry_from: ChatRequest | None = None, mood: str | None = None,
+               reply_prefix: str = "") -> Iterator[ChatChunk]:
         """The reply to a chat request, the one path of :meth:`chat`, :meth:`analyze_stream`
         and every surface on them. A request whose last two user messages name a harm
         (:func:`~allinone.tasks.chat.looks_harmful`) is told to decline
@@ -700,7 +715,8 @@ class AllInOne:
         line, whose "I'm sorry to hear that" the model turns into "..., but I can't help") with
         :data:`~allinone.tasks.chat.STEER` in its system prompt and the reply begun with
         :data:`~allinone.tasks.chat.RETRY_OPENING` for ``mood`` (the message's sentiment)
-        (:func:`~allinone.tasks.chat.guard_refusals`)."""
+        (:func:`~allinone.tasks.chat.guard_refusals`). ``reply_prefix``: the reply's first
+        words, already written (``analyze``: :func:`~allinone.tasks.chat.feeling_opening`)."""
         text = request.last_user
         lang = detect_lang(text)
         reply = ReplyStream()
@@ -712,10 +728,10 @@ class AllInOne:
 
         if any(map(looks_harmful, request.recent_user())):  # declined by prompt and first words; never asked again
             return reply.wrap(begun(request.steered(pick(DECLINE, lang)), pick(DECLINE_OPENING, lang)))
-        chunks = reply_chunks(reply.track(self._chat_engine.submit(request.job(), timeout=timeout)))
+        chunks = reply_chunks(reply.track(self._chat_engine.submit(request.job(reply_prefix), timeout=timeout)))
         opening = pick(RETRY_OPENING.get(mood, RETRY_OPENING[None]), lang)
         return reply.wrap(guard_refusals(
-            chunks, retry=lambda: begun((retry_from or request).steered(pick(STEER, lang)), opening)))
+            chunks, retry=lambda: begun((retry_from or request).steered(pick(STEER, lang)), opening), written=reply_prefix))
 
     def _chat_profile(self) -> ChatProfile | None:
         """The ``chat`` task's way of talking (see :class:`ChatProfile`), if it is declared."""

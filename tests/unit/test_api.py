@@ -8,6 +8,7 @@ import pytest
 
 from allinone import AllInOne, InvalidInputError, Settings
 from allinone.engine import Engine
+from allinone.tasks.chat import FEELING_OPENING
 from fixtures.fakes import FakeBackend
 
 
@@ -110,8 +111,25 @@ def test_analyze_gives_sentiment_and_reply():
     ai = make(FakeBackend("Congratulations!", label_logps={"positive": -0.1}))
     result = ai.analyze("I got the job", history=[{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}])
     assert result.sentiment.label == "positive"
-    assert result.reply.text == "Congratulations!"
+    assert result.reply.text == FEELING_OPENING["positive"]["en"] + "Congratulations!"  # good news told, sure
     assert set(result.to_dict()) == {"sentiment", "reply"}
+
+
+@pytest.mark.parametrize(("message", "logps", "system", "opening"), [
+    ("The restaurant got my order wrong and won't refund me.", {"negative": -0.1}, None, ("negative", "en")),
+    ("外卖送错了，商家还不给退款。", {"negative": -0.1}, None, ("negative", "zh")),
+    ("We closed on our first house today!", {"positive": -0.1}, None, ("positive", "en")),
+    ("My grandfather passed away last night.", {"positive": -0.1}, None, ("negative", "en")),  # a loss, scored positive
+    ("My laptop is really slow, any tips?", {"negative": -0.1}, None, None),  # asks: the model opens
+    ("怎么跟父母说我想换工作？", {"negative": -0.1}, None, None),
+    ("I just ran my first 10k without stopping!", {"negative": -0.70, "positive": -0.72}, None, None),  # unsure
+    ("The restaurant got my order wrong and won't refund me.", {"negative": -0.1}, "Be a pirate.", None),
+])
+def test_a_feeling_told_is_met_in_the_replys_first_words(message, logps, system, opening):
+    ai = make(FakeBackend(" Here is what you can do.", label_logps=logps))
+    reply = ai.analyze(message, system=system).reply.text
+    expected = FEELING_OPENING[opening[0]][opening[1]] if opening else ""
+    assert reply == expected + " Here is what you can do."
 
 
 @pytest.mark.parametrize("backend_name", ["llamacpp", "transformers"])

@@ -63,7 +63,7 @@ def _pair(device: DeviceLock | None = None, meter: _Meter | None = None):
 def test_replies_come_from_the_chat_model_and_labels_from_the_task_model():
     ai, tasks, chat, _ = _pair()
     with ai:
-        result = ai.analyze("The soup was cold.", max_tokens=32, temperature=0)
+        result = ai.analyze("Why was the soup so cold?", max_tokens=32, temperature=0)  # asks: no written opening
         assert result.sentiment.label == "negative"  # the task model's scores
         assert result.reply.text == "chat model's words"
         assert ai.chat("hello", max_tokens=32).text == "chat model's words"

@@ -8,7 +8,17 @@ import pytest
 from allinone import AllInOne, Settings
 from allinone.engine import Engine
 from allinone.results import ChatChunk
-from allinone.tasks.chat import DECLINE, DECLINE_OPENING, RETRY_OPENING, STEER, guard_refusals, looks_harmful, opening
+from allinone.tasks.chat import (
+    DECLINE,
+    DECLINE_OPENING,
+    FEELING_OPENING,
+    RETRY_OPENING,
+    STEER,
+    asks,
+    guard_refusals,
+    looks_harmful,
+    opening,
+)
 from fixtures.fakes import FakeBackend
 
 REFUSAL = "I'm sorry, but I can't assist with that request."
@@ -178,3 +188,32 @@ def test_words_written_for_the_model_count_as_reply_tokens():
         whole = ai.chat(harm, temperature=0)
         assert whole.text == opening + REFUSAL
         assert whole.usage.completion_tokens == len(backend.tokenize(whole.text)) > n_opening
+
+
+@pytest.mark.parametrize("message", [
+    "Rewrite your previous response. Start every sentence with the letter A.", "Given the following data, find the CEO.",
+    "play the song little robin redbreast", "i d like to see the show onion sportsdome", "Is this true?",
+    "Now the constraint is removed, implement one.", "推荐几本适合初学者的历史书。", "解释一下什么是通货膨胀。",
+    "将下文改为诗歌。", "我被裁员了，不知道接下来该怎么办。", "I failed my exam. " * 12,  # a text given for a task
+    "But I am allergic to most of them.",  # a follow-up to the request before it
+])
+def test_a_message_that_asks_is_not_taken_for_a_feeling_told(message):
+    assert asks(message)
+
+
+@pytest.mark.parametrize("message", [
+    "I got laid off today.", "Our team just won the championship!", "The restaurant got my order wrong and won't refund me.",
+    "我刚搬到新城市，一个朋友都没有，好孤单。", "最好的朋友搬去国外了，以后很难见面了。", "外卖送错了，商家还不给退款。",
+])
+def test_a_feeling_told_asks_for_nothing(message):
+    assert not asks(message)
+
+
+def test_the_guard_judges_the_models_own_opening_after_words_written_for_it():
+    written = FEELING_OPENING["negative"]["en"]
+    out = guard_refusals(chunks_of("I'm sorry ", "to hear that.", " I'm sorry, but I can't", " help."),
+                         retry=lambda: chunks_of("Retried."), written=written)
+    assert "".join(c.text for c in out) == "Retried."
+    out = guard_refusals(chunks_of("I'm sorry ", "to hear that.", " Try this:", " call them."),
+                         retry=lambda: chunks_of("Retried."), written=written)
+    assert "".join(c.text for c in out) == written + " Try this: call them."

@@ -13,6 +13,7 @@ from allinone import AllInOne, Settings
 from allinone.errors import ModelSourceError
 from allinone.server import create_app
 from allinone.server.security import key_matches
+from allinone.tasks.chat import FEELING_OPENING
 from fixtures.fakes import FakeBackend
 from fixtures.server import REPLY, fake_app
 
@@ -80,9 +81,10 @@ def test_analyze_gives_sentiment_and_reply(client):
     body = client.post("/v1/tasks/analyze", json={"text": "I got the job!", "max_tokens": 64}).json()
     assert body["object"] == "analysis" and body["session_id"] is None
     assert body["sentiment"]["label"] == "positive"
-    assert body["reply"]["text"] == REPLY and body["reply"]["finish_reason"] == "stop"
+    written = FEELING_OPENING["positive"]["en"]  # good news told: the reply meets it first
+    assert body["reply"]["text"] == written + REPLY and body["reply"]["finish_reason"] == "stop"
     usage = body["reply"]["usage"]
-    assert usage["completion_tokens"] == len(REPLY.encode())
+    assert usage["completion_tokens"] == len((written + REPLY).encode())
     assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
 
 
@@ -93,7 +95,7 @@ def test_tokenize_route_counts_tokens(client):
 
 # -- stored conversations ---------------------------------------------------------------------
 def test_session_keeps_history_and_can_be_read_back_and_deleted(client):
-    first = client.post("/v1/tasks/analyze", json={"text": "hi", "session_id": "conv-1"}).json()
+    first = client.post("/v1/tasks/analyze", json={"text": "How are you?", "session_id": "conv-1"}).json()
     second = client.post("/v1/tasks/chat", json={"text": "and then?", "session_id": "conv-1"}).json()
     assert second["object"] == "chat.reply" and second["reply"]["text"] == REPLY
     assert first["reply"]["text"] == REPLY
@@ -103,7 +105,7 @@ def test_session_keeps_history_and_can_be_read_back_and_deleted(client):
     assert second["reply"]["usage"]["prompt_tokens"] > alone["reply"]["usage"]["prompt_tokens"] + len(REPLY)
     session = client.get("/v1/sessions/conv-1").json()
     assert [(m["role"], m["content"]) for m in session["messages"]] == [
-        ("user", "hi"), ("assistant", REPLY), ("user", "and then?"), ("assistant", REPLY)]
+        ("user", "How are you?"), ("assistant", REPLY), ("user", "and then?"), ("assistant", REPLY)]
     assert session["messages"][0]["sentiment"]["label"] == "positive"
     assert "sentiment" not in session["messages"][2]  # chat (not analyze) stores no sentiment
     deleted = client.delete("/v1/sessions/conv-1")
@@ -133,13 +135,13 @@ def test_create_session_route(client):
 def test_history_survives_a_restart_of_the_server(tmp_path):
     app, _, ai = fake_app(tmp_path)
     with TestClient(app) as c:
-        before = c.post("/v1/tasks/analyze", json={"text": "remember me", "session_id": "keep"}).json()
+        before = c.post("/v1/tasks/analyze", json={"text": "Do you remember me?", "session_id": "keep"}).json()
     ai.close()
     app2, _, ai2 = fake_app(tmp_path)  # same db_path, fresh app and model
     with TestClient(app2) as c:
-        assert [m["content"] for m in c.get("/v1/sessions/keep").json()["messages"]] == ["remember me", REPLY]
-        after = c.post("/v1/tasks/chat", json={"text": "remember me", "session_id": "keep"}).json()
-        alone = c.post("/v1/tasks/chat", json={"text": "remember me"}).json()
+        assert [m["content"] for m in c.get("/v1/sessions/keep").json()["messages"]] == ["Do you remember me?", REPLY]
+        after = c.post("/v1/tasks/chat", json={"text": "Do you remember me?", "session_id": "keep"}).json()
+        alone = c.post("/v1/tasks/chat", json={"text": "Do you remember me?"}).json()
     ai2.close()
     assert before["reply"]["text"] == REPLY
     assert after["reply"]["usage"]["prompt_tokens"] > alone["reply"]["usage"]["prompt_tokens"] + len(REPLY)

@@ -153,6 +153,33 @@ RETRY_OPENING = {
     # not "That's great!": a sad message scored positive would be met with joy
     "positive": {"en": "Thank you for sharing that.", "zh": "谢谢你和我分享。"},
 }
+#: how the reply to a message that tells of a feeling and asks for nothing (:func:`asks`)
+#: begins, by the message's mood: the mood line alone left the 0.5B model going straight to
+#: advice ("外卖送错了，商家还不给退款。" → "收到外卖后，商家应该尽快联系你……") or echoing good news
+#: (development prompts, docs/evaluation.md "Chat"); written first, the model continues after
+#: them. A message that asks is answered as the model chooses (its mood line still asks for a
+#: sentence of sympathy), so a request scored negative is not met with a fixed condolence.
+FEELING_OPENING = {
+    "negative": {"en": "I'm sorry to hear that.", "zh": "听到这些，我能理解你的心情。"},
+    "positive": {"en": "That's wonderful!", "zh": "太好了！"},
+}
+#: the sentiment score a mood needs before the reply is begun with :data:`FEELING_OPENING`:
+#: on the development prompts the head scored "I just ran my first 10k without stopping!"
+#: negative 0.51 and "I finally lost ten kilos!" positive 0.64, and every message it scored at
+#: 0.8 or more had that feeling; below it the mood line alone speaks
+FEELING_MIN_SCORE = 0.8
+
+
+def feeling_opening(message: str, mood: str | None, score: float, lang: str) -> str:
+    """The first words of the reply to ``message`` whose sentiment is ``mood`` with ``score``
+    (a probability, 0–1): :data:`FEELING_OPENING` when the message tells of a feeling and asks
+    for nothing (:func:`asks`) and the mood is sure (a loss told, :func:`tells_of_loss`, or a
+    score of at least :data:`FEELING_MIN_SCORE`); else ``""`` (the model chooses its opening)."""
+    if mood not in FEELING_OPENING or asks(message):
+        return ""
+    if score < FEELING_MIN_SCORE and not (mood == "negative" and tells_of_loss(message)):
+        return ""
+    return FEELING_OPENING[mood].get(lang, "")
 #: the line added to the system prompt of a request that names a harm (:func:`looks_harmful`),
 #: and the words its reply begins with: the warm prompt that makes the 0.5B model help with
 #: everything also made it explain pipe bombs (10 of 12 harmful requests answered, measured)
@@ -228,6 +255,50 @@ _GUARDABLE = re.compile("|".join(GUARDABLE_HARM_PATTERNS), re.IGNORECASE)
 _DEFENSIVE = re.compile("|".join(DEFENSIVE_PATTERNS), re.IGNORECASE)
 
 
+#: how a message asks besides :data:`REQUEST_PATTERNS` (which the harm rule also reads): any
+#: question, a question word or an imperative opening a sentence ("Rewrite your previous
+#: response", "Given the following data", "Prove ...", "play the song ..."), a task's material
+#: ("the following", a code block), and Chinese instructions ("请", "以下", "推荐", "解释一下",
+#: "吗"). Broad on purpose: a message taken for a request is answered as the model chooses,
+#: one taken for a feeling told gets :data:`FEELING_OPENING`. Written on the development
+#: prompts, 2,000 SNIPS pool queries (requests) and 2,000 SST-2 / ChnSentiCorp pool
+#: sentences (statements), never on a reported file (docs/evaluation.md, "Chat").
+ASK_PATTERNS = (
+    r"[?？]", r"```", r"\bthe following\b", r"\b(?:i|we) (?:need|want|wish)\b", r"\b(?:i|we)(?:'d| d| would) (?:like|love)\b",
+    r"\blooking for\b", r"^\s*(?:weather|forecast|restaurant|table|reservation|movie|song|album|playlist)s?\b", r"\byour (?:previous|earlier|last|above) (?:response|reply|answer)",
+    r"\b(?:please|kindly)\b", r"(?:^|[.!:;,\n]\s*)(?:please|now|also|then|ok(?:ay)?|so)?,?\s*(?:what|why|when|where|who|whom|whose|which|how|is|are|am|was|were|"
+    r"do|does|did|can|could|should|would|will|shall|may|might|must|"
+    r"rewrite|rephrase|revise|rework|reformulate|modify|amend|update|edit|fix|correct|improve|shorten|expand|"
+    r"summari[sz]e|translate|paraphrase|take|imagine|suppose|pretend|act|play|embrace|consider|assume|let's|let|"
+    r"develop|implement|prove|solve|calculate|compute|evaluate|analy[sz]e|identify|extract|discuss|compare|pick|"
+    r"provide|suggest|recommend|craft|come|name|classify|choose|select|convert|output|return|determine|express|"
+    r"debug|given|use|read|answer|continue|outline|add|remove|delete|set|book|reserve|search|look|check|rate|"
+    r"send|call|open|turn|start|stop|remind|schedule|show|put|say|sing|describe|define|predict|estimate|"
+    r"generate|write|create|make|build|draft|compose|explain|design|plan|find|give|teach|tell|help|code|list|"
+    r"buy|get|do|try|go|keep|include|ignore|respond|reply|rank|sort|count|format|fill|complete|finish)\b",
+    # a follow-up that qualifies the request before it ("But I am allergic to many medicines")
+    r"^\s*(?:but|and|however|what about|then)\b", r"^\s*(?:但是?|可是|不过|那么?|还有|另外)",
+    r"^\s*(?:您|将|把|给|为|用|以|对|从|在|向|求)",  # a preposition opening the message, not a clause ("，以后")
+    r"(?:^|[。！；：，,\n]\s*)(?:请|使用|利用|根据|按照|基于|针对|判断|选择|计算|回答|解释|"
+    r"介绍|推荐|总结|概括|概述|归纳|改写|重写|重新|润色|修改|纠正|翻译|描述|描绘|讲述|阐述|说明|分析|比较|评价|分类|定义|"
+    r"列出|列举|找出|想出|提出|给出|提供|编辑|编写|撰写|设计|构想|制定|制作|创造|生成|创作|写|思考|说说|讲讲|谈谈|想象|假设|"
+    r"扮演|模拟|指定|如果)",
+    r"以下|下面|下列|如下|一下|吗|呢|什么|为什么|为何|多少|几[个本种条次]|哪|谁|是否|能否|可否|推荐|建议我",
+)
+_ASK = re.compile("|".join(ASK_PATTERNS), re.IGNORECASE)
+#: a longer message is a text given for a task (a review to judge, an article to sum up), not
+#: a feeling told: every message with a feeling of the development and emotional sets is under 100
+TELL_MAX_CHARS = 200
+
+
+def asks(message: str) -> bool:
+    """The message asks for something (:data:`REQUEST_PATTERNS`, :data:`ASK_PATTERNS`) or is
+    longer than :data:`TELL_MAX_CHARS`, rather than only telling ("外卖送错了，商家还不给退款。",
+    "We closed on our first house today!"). A keyword rule: an imperative whose verb is not
+    listed counts as telling."""
+    return len(message) > TELL_MAX_CHARS or bool(_REQUEST.search(message) or _ASK.search(message))
+
+
 def looks_harmful(request: str) -> bool:
     """The message asks for something (:data:`REQUEST_PATTERNS`) and names a harm of
     :data:`HARM_PATTERNS`, or one of :data:`GUARDABLE_HARM_PATTERNS` not guarded against just
@@ -287,7 +358,8 @@ def opening(text: str) -> Literal["refusal", "undecided", "clear"]:
     return "clear"
 
 
-def guard_refusals(chunks: Iterator[ChatChunk], *, retry: Callable[[], Iterator[ChatChunk]]) -> Iterator[ChatChunk]:
+def guard_refusals(chunks: Iterator[ChatChunk], *, retry: Callable[[], Iterator[ChatChunk]],
+                   written: str = "") -> Iterator[ChatChunk]:
     """The reply, unless it opens with a refusal: then the reply to ``retry()`` instead.
 
     The opening of the reply is held back while it starts like a refusal (:func:`opening`), so
@@ -297,13 +369,19 @@ def guard_refusals(chunks: Iterator[ChatChunk], *, retry: Callable[[], Iterator[
     (Scoring "safe or harmful" with the 0.5B model itself was measured first and separates
     nothing: each of 12 harmful development requests scored below some benign prompt.)
     The retried reply is returned as it comes, even if it refuses again (asked once, never in a
-    loop). Closing the returned iterator cancels whichever reply is running.
+    loop). Closing the returned iterator cancels whichever reply is running. ``written``: the
+    reply's first words, already written for the model (:func:`feeling_opening`); the opening
+    judged is the model's own, after them ("I'm sorry to hear that. I'm sorry, but I can't ...").
     """
     held: list[ChatChunk] = []
     try:
         for chunk in chunks:
             held.append(chunk)
-            verdict = opening("".join(c.text for c in held))
+            text = "".join(c.text for c in held)
+            if text.startswith(written):
+                verdict = opening(text[len(written):])
+            else:  # still within the written words, or (detokenized otherwise) the whole text judged
+                verdict = "undecided" if written.startswith(text) else opening(text)
             if verdict == "refusal":
                 _close(chunks)
                 yield from retry()
