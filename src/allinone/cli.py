@@ -238,14 +238,19 @@ def analyze(
     task: Annotated[Optional[list[str]], typer.Option("--task", "-t", help="run these tasks instead (repeatable)")] = None,
     max_tokens: int = 256,
     temperature: float = 0.7,
+    system: Annotated[Optional[str], typer.Option(help="system prompt of the reply (not with --task)")] = None,
     as_json: JsonOpt = False, options: Optional[dict] = None,
 ) -> None:
     """The sentiment of TEXT plus a chat reply to it; or, with --task, several tasks on TEXT."""
     if task:
+        if system is not None:
+            raise InvalidInputError("--system sets the reply's system prompt and cannot be used with --task",
+                                    param="system")
         for name in task:
             _registry(options).get(name)  # an unknown task fails before the model loads
     ai = _load(options)
-    result = ai.analyze(text, tasks=task or None, max_tokens=max_tokens, temperature=temperature)
+    reply_options = {"system": system} if system is not None else {}
+    result = ai.analyze(text, tasks=task or None, max_tokens=max_tokens, temperature=temperature, **reply_options)
     if as_json:
         _dump(result.to_dict())
     elif task:

@@ -119,7 +119,10 @@ def test_analyze_gives_sentiment_and_reply():
     ("The restaurant got my order wrong and won't refund me.", {"negative": -0.1}, None, ("negative", "en")),
     ("外卖送错了，商家还不给退款。", {"negative": -0.1}, None, ("negative", "zh")),
     ("We closed on our first house today!", {"positive": -0.1}, None, ("positive", "en")),
-    ("My grandfather passed away last night.", {"positive": -0.1}, None, ("negative", "en")),  # a loss, scored positive
+    ("My grandfather passed away last night.", {"positive": -0.1}, None, ("loss", "en")),  # a loss, scored positive
+    ("我奶奶上周去世了。", {"negative": -0.70, "positive": -0.72}, None, ("loss", "zh")),  # a loss, however unsure
+    ("Je suis tellement fatigué, mon travail me déprime.", {"negative": -0.1}, None, None),  # the model's language
+    ("Ich bin heute so traurig.", {"negative": -0.1}, None, None),
     ("My laptop is really slow, any tips?", {"negative": -0.1}, None, None),  # asks: the model opens
     ("怎么跟父母说我想换工作？", {"negative": -0.1}, None, None),
     ("I just ran my first 10k without stopping!", {"negative": -0.70, "positive": -0.72}, None, None),  # unsure

@@ -69,6 +69,23 @@ def test_analyze_json(model_args):
     assert obj["sentiment"]["label"] in {"positive", "negative"} and "text" in obj["reply"]
 
 
+def test_analyze_takes_the_replys_system_prompt_but_not_with_tasks(model_args, monkeypatch):
+    from allinone import AllInOne
+
+    seen, real = {}, AllInOne.analyze
+
+    def spy(self, text, *args, **kwargs):
+        seen.update(kwargs)
+        return real(self, text, *args, **kwargs)
+
+    monkeypatch.setattr(AllInOne, "analyze", spy)
+    out = runner.invoke(app, ["analyze", "nice day", "--system", "Be brief.", "--json", "--max-tokens", "4", *model_args])
+    assert out.exit_code == 0, out.output
+    assert seen["system"] == "Be brief."
+    out = runner.invoke(app, ["analyze", "nice day", "--system", "Be brief.", "--task", "sentiment", *model_args])
+    assert out.exit_code == 2 and "--system" in out.output
+
+
 @pytest.mark.parametrize("argv", [["sentiment", "   "], ["analyze", ""], ["chat", " "]])
 def test_empty_input_exits_2_with_a_message(argv, tiny_hf_dir):
     out = runner.invoke(app, [*argv, "--model", str(tiny_hf_dir), "--backend", "transformers"])

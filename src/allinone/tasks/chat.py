@@ -162,7 +162,15 @@ RETRY_OPENING = {
 FEELING_OPENING = {
     "negative": {"en": "I'm sorry to hear that.", "zh": "听到这些，我能理解你的心情。"},
     "positive": {"en": "That's wonderful!", "zh": "太好了！"},
+    # a death told (:func:`tells_of_loss`): "I'm sorry to hear that." was often the whole reply
+    "loss": {"en": "I'm so sorry for your loss.", "zh": "听到这个消息，我很难过，请节哀。"},
 }
+#: a message in a Latin-script language other than English (accented letters, "¡", "¿"), or one
+#: without a common English word: the written words are English or Chinese, and a French or
+#: Spanish feeling begun in English was answered in English (a fresh user's probe)
+_NOT_ENGLISH = re.compile(r"[À-ÖØ-öø-ɏ¡¿]")
+_ENGLISH_WORDS = re.compile(r"\b(?:i|i'm|i've|my|the|is|was|are|and|to|it|just|got|our|we|have|has|been|this|that|"
+                            r"today|can't|don't|feel|of|for|with|not)\b", re.IGNORECASE)
 #: the sentiment score a mood needs before the reply is begun with :data:`FEELING_OPENING`:
 #: on the development prompts the head scored "I just ran my first 10k without stopping!"
 #: negative 0.51 and "I finally lost ten kilos!" positive 0.64, and every message it scored at
@@ -172,14 +180,21 @@ FEELING_MIN_SCORE = 0.8
 
 def feeling_opening(message: str, mood: str | None, score: float, lang: str) -> str:
     """The first words of the reply to ``message`` whose sentiment is ``mood`` with ``score``
-    (a probability, 0–1): :data:`FEELING_OPENING` when the message tells of a feeling and asks
-    for nothing (:func:`asks`) and the mood is sure (a loss told, :func:`tells_of_loss`, or a
-    score of at least :data:`FEELING_MIN_SCORE`); else ``""`` (the model chooses its opening)."""
-    if mood not in FEELING_OPENING or asks(message):
+    (a probability, 0–1) and language ``lang`` (``en`` or ``zh``, :func:`detect_lang`):
+    :data:`FEELING_OPENING` when the message tells of a feeling and asks for nothing
+    (:func:`asks`), is in English or Chinese, and the mood is sure (a loss told,
+    :func:`tells_of_loss`, or a score of at least :data:`FEELING_MIN_SCORE`); else ``""`` (the
+    model chooses its opening)."""
+    if mood not in ("negative", "positive") or asks(message):
         return ""
-    if score < FEELING_MIN_SCORE and not (mood == "negative" and tells_of_loss(message)):
+    if lang == "en" and (_NOT_ENGLISH.search(message) or not _ENGLISH_WORDS.search(message)):
+        return ""  # another language: the model answers in it, from its own first word
+    loss = mood == "negative" and tells_of_loss(message)
+    if score < FEELING_MIN_SCORE and not loss:
         return ""
-    return FEELING_OPENING[mood].get(lang, "")
+    return FEELING_OPENING["loss" if loss else mood].get(lang, "")
+
+
 #: the line added to the system prompt of a request that names a harm (:func:`looks_harmful`),
 #: and the words its reply begins with: the warm prompt that makes the 0.5B model help with
 #: everything also made it explain pipe bombs (10 of 12 harmful requests answered, measured)
