@@ -40,6 +40,12 @@ class SamplingParams:
         stop: strings that end the reply; the stop string itself is not returned.
         repetition_penalty: CTRL-style penalty (Keskar et al. 2019) on tokens already present;
             1.0 disables.
+        min_tokens: the model samples no end token before it has sampled this many tokens
+            (vLLM's ``min_tokens``); ``max_tokens``, stop strings and a full context still end
+            the reply. 0 disables.
+        dry_multiplier: strength of the DRY penalty on a reply repeating its own words
+            (:func:`allinone.backends.sampling.sample`; llama.cpp's ``--dry-multiplier``,
+            0.8 is its author's recommendation); 0 disables.
 
     Raises:
         InvalidInputError: a value is out of range or of the wrong type.
@@ -52,6 +58,8 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     repetition_penalty: float = 1.05
+    min_tokens: int = 0
+    dry_multiplier: float = 0.0
 
     def __post_init__(self) -> None:
         def bad(param: str, why: str) -> InvalidInputError:
@@ -75,6 +83,10 @@ class SamplingParams:
             object.__setattr__(self, "seed", self.seed % (MAX_SEED + 1))
         if not number(self.repetition_penalty) or not 0.5 <= self.repetition_penalty <= 2.0:
             raise bad("repetition_penalty", f"must be a number between 0.5 and 2, got {self.repetition_penalty!r}")
+        if isinstance(self.min_tokens, bool) or not isinstance(self.min_tokens, int) or self.min_tokens < 0:
+            raise bad("min_tokens", f"must be an integer >= 0, got {self.min_tokens!r}")
+        if not number(self.dry_multiplier) or not 0.0 <= self.dry_multiplier <= 5.0:
+            raise bad("dry_multiplier", f"must be a number between 0 and 5, got {self.dry_multiplier!r}")
         if isinstance(self.stop, str):
             object.__setattr__(self, "stop", (self.stop,))
         elif isinstance(self.stop, list):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -127,6 +128,26 @@ def test_generation_respects_max_tokens(tiny_backend):
     assert last.completion_tokens <= 5
     if last.finish_reason == "length":
         assert last.completion_tokens == 5
+
+
+def test_min_tokens_holds_back_end_tokens(tiny_backend, monkeypatch):
+    end = tiny_backend.tokenize("<|im_end|>", special=True)[0]
+    forward = tiny_backend.forward
+
+    def eager_to_end(*args, **kwargs):  # every row's most likely token is the end token
+        rows = [np.array(row, copy=True) for row in forward(*args, **kwargs)]
+        for row in rows:
+            row[end] = row.max() + 10.0
+        return rows
+
+    monkeypatch.setattr(tiny_backend, "forward", eager_to_end)
+    prompt = tiny_backend.render_chat([{"role": "user", "content": "go on"}])
+    ended = list(stream_text(tiny_backend, prompt, SamplingParams(temperature=0, max_tokens=20)))[-1]
+    held = list(stream_text(tiny_backend, prompt, SamplingParams(temperature=0, max_tokens=20, min_tokens=5)))[-1]
+    assert (ended.finish_reason, ended.completion_tokens) == ("stop", 0)  # the end token is not counted
+    assert (held.finish_reason, held.completion_tokens) == ("stop", 5)  # 5 tokens, then the end token
+    short = list(stream_text(tiny_backend, prompt, SamplingParams(temperature=0, max_tokens=3, min_tokens=5)))[-1]
+    assert (short.finish_reason, short.completion_tokens) == ("length", 3)  # max_tokens still ends it
 
 
 def test_generation_stops_at_context_end(tiny_backend):

@@ -27,10 +27,10 @@ REFUSAL = "I'm sorry, but I can't assist with that request."
 class SteerableBackend(FakeBackend):
     """Refuses, unless the prompt carries the guard's steering line; then it helps."""
 
-    def start(self, prompt_ids, sampling, *, json_schema=None, keep=True):
+    def start(self, prompt_ids, sampling, **kwargs):
         prompt = self.show(list(prompt_ids))
         self.reply = "Sure! Here is a plan." if any(line in prompt for line in STEER.values()) else REFUSAL
-        return super().start(prompt_ids, sampling, json_schema=json_schema, keep=keep)
+        return super().start(prompt_ids, sampling, **kwargs)
 
 
 @pytest.mark.parametrize("text,verdict", [

@@ -201,7 +201,8 @@ def test_max_tokens_at_the_limit_is_accepted(client):
     ("temperature", -0.1), ("temperature", 2.5), ("temperature", "hot"), ("top_p", -0.1), ("top_p", 1.5),
     ("stop", ["a", "b", "c", "d", "e"]), ("stop", [""]), ("seed", "x"), ("stream", "yes"),
     ("presence_penalty", 0.5), ("logprobs", True), ("tools", [{"type": "function"}]),
-    ("response_format", {"type": "json_object"}), ("unknown_option", 1),
+    ("response_format", {"type": "json_object"}), ("unknown_option", 1), ("min_tokens", -1), ("min_tokens", 1.5),
+    ("dry_multiplier", -0.5), ("dry_multiplier", 9.0), ("dry_multiplier", "strong"),
 ])
 def test_bad_or_unsupported_options_are_400(client, field, value):
     expect(client.post(CHAT, json={"messages": [user()], field: value}), 400)

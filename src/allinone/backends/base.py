@@ -45,6 +45,10 @@ class GenState:
     exhausted: bool = False
     #: the sequence stays cached after the reply (see :meth:`Backend.start`)
     keep: bool = True
+    #: tokens sampled so far (the reply's own, not the prompt's)
+    n_sampled: int = 0
+    #: where the reply begins in ``history``: its written words (the prompt's last tokens) on
+    reply_start: int = 0
 
 
 ScoreRequest = tuple[Sequence[int], Sequence[Sequence[int]]]
@@ -421,10 +425,12 @@ class Backend(abc.ABC):
 
     # -- generation -------------------------------------------------------------------------
     def start(self, prompt_ids: Sequence[int], sampling: SamplingParams, *,
-              json_schema: dict | None = None, keep: bool = True) -> GenState:
+              json_schema: dict | None = None, keep: bool = True, written: int = 0) -> GenState:
         """Begin a reply to ``prompt_ids``: take the KV entry with its longest cached prefix.
         With ``keep`` the sequence stays cached after :meth:`finish`, for a conversation's next
-        turn; a task's reply to one text is not continued, so it is freed.
+        turn; a task's reply to one text is not continued, so it is freed. ``written``: how
+        many of the prompt's last tokens are the reply's first words, already written (the
+        DRY penalty counts them as the reply's).
 
         With ``json_schema`` (the subset of :mod:`allinone.tasks.schema`), only tokens that keep
         the output a prefix of a JSON document valid under the schema can be sampled, and an
@@ -442,7 +448,8 @@ class Backend(abc.ABC):
         matcher = self.json_matcher(json_schema) if json_schema is not None else None
         entry, n = self._reply_entry(prompt, sampling)
         return GenState(entry=entry, pending=prompt[n:], history=prompt, sampling=sampling,
-                        rng=np.random.default_rng(sampling.seed), matcher=matcher, keep=keep)
+                        rng=np.random.default_rng(sampling.seed), matcher=matcher, keep=keep,
+                        reply_start=len(prompt) - min(max(written, 0), len(prompt)))
 
     def _reply_entry(self, prompt: list[int], sampling: SamplingParams) -> tuple[KVEntry, int]:
         """The KV entry a reply to ``prompt`` is computed in, and how many of its first tokens
@@ -491,7 +498,15 @@ class Backend(abc.ABC):
                 out.append(None)
                 continue
             allowed = constrained.allowed_tokens(state.matcher, logits.shape[-1]) if state.matcher else None
-            tok = sample(logits, state.sampling, state.history, state.rng, allowed)
+            if state.n_sampled < state.sampling.min_tokens:
+                # no end token yet, unless a grammar allows nothing else (a complete JSON document)
+                mask = np.ones(logits.shape[-1], dtype=bool) if allowed is None else allowed.copy()
+                mask[[t for t in self.eos_token_ids if t < mask.size]] = False
+                if mask.any():
+                    allowed = mask
+            state.n_sampled += 1
+            tok = sample(logits, state.sampling, state.history, state.rng, allowed,
+                         reply_start=state.reply_start, token_text=self.token_text)
             if state.matcher is not None and tok not in self.eos_token_ids and not state.matcher.consume_token(tok):
                 raise RuntimeError(f"constrained decoding failed: {state.matcher.get_error()}")  # pragma: no cover
             state.history.append(tok)
@@ -500,6 +515,15 @@ class Backend(abc.ABC):
             state.exhausted = len(state.history) + 1 >= self.n_ctx
             out.append(tok)
         return out
+
+    def token_text(self, token_id: int) -> str:
+        """The text of one token (the characters its bytes hold whole; ``""`` for a control
+        token), remembered per token: the sampler's DRY penalty reads it every step."""
+        memo = self.__dict__.setdefault("_token_texts", {})
+        text = memo.get(token_id)
+        if text is None:
+            text = memo[token_id] = self.token_bytes([token_id])[0].decode("utf-8", errors="ignore")
+        return text
 
     def finish(self, state: GenState) -> None:
         """End a reply; its KV state stays cached for the conversation's next turn (unless it

@@ -558,8 +558,10 @@ class Engine:
                 conversation = fitted.fixed is None
                 if not conversation:
                     self._cache_fixed([fitted])
+                written = self._backend.tokenize(job.prompt.reply_prefix) if job.prompt.reply_prefix else []
                 # a conversation stays cached for its next turn; a task's reply to one text does not
-                state = self._backend.start(fitted.ids, sampling, json_schema=job.json_schema, keep=conversation)
+                state = self._backend.start(fitted.ids, sampling, json_schema=job.json_schema, keep=conversation,
+                                            written=len(written))
             except Exception as exc:
                 self._fail(task, exc)
                 continue
@@ -567,7 +569,7 @@ class Engine:
             streamer = TextStreamer(self._backend, sampling)
             # words already written (``reply_prefix``) are the reply's first tokens: counted,
             # under max_tokens and stop strings like any sampled token
-            for tok in self._backend.tokenize(job.prompt.reply_prefix) if job.prompt.reply_prefix else ():
+            for tok in written:
                 for delta in streamer.push(tok):
                     task.out.put(("ok", delta))
             a = _Active(task, state, streamer)

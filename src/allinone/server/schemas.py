@@ -30,10 +30,14 @@ class Sampling(_Body):
     seed: StrictInt | None = Field(None, description="reproducible sampling")
     stop: str | list[str] | None = Field(None, description="up to 4 strings that end the reply")
     repetition_penalty: StrictFloat | None = Field(None, description="1.0 disables")
+    min_tokens: StrictInt | None = Field(None, description="no end of the reply before this many tokens (vLLM's)")
+    dry_multiplier: StrictFloat | None = Field(None, description="DRY penalty on a reply repeating itself (llama.cpp's); "
+                                                           "0 disables, 0.8 by default")
 
     def sampling(self) -> dict[str, Any]:
         """The options that were given, as keyword arguments for ``AllInOne.chat``."""
-        keys = ("temperature", "top_p", "top_k", "max_tokens", "seed", "stop", "repetition_penalty")
+        keys = ("temperature", "top_p", "top_k", "max_tokens", "seed", "stop", "repetition_penalty", "min_tokens",
+                "dry_multiplier")
         return {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
 
 
