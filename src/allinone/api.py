@@ -34,10 +34,12 @@ from .tasks import (
     reply_chunks,
 )
 from .tasks.chat import (
+    CHAT_DRY_MULTIPLIER,
     DECLINE,
     DECLINE_OPENING,
     RETRY_OPENING,
     STEER,
+    continuation_min_tokens,
     feeling_opening,
     guard_refusals,
     looks_harmful,
@@ -457,7 +459,8 @@ class AllInOne:
                 whole, the reply gets the room left (finish reason ``length`` when it runs
                 out), and one that leaves no room is refused (``ContextLengthError``).
             **sampling: ``temperature`` (0 = greedy), ``top_p``, ``top_k``, ``max_tokens``,
-                ``seed``, ``stop``, ``repetition_penalty``.
+                ``seed``, ``stop``, ``repetition_penalty``, ``min_tokens``, ``dry_multiplier``
+                (default :data:`~allinone.tasks.chat.CHAT_DRY_MULTIPLIER`; 0 turns DRY off).
 
         Raises:
             InvalidInputError: bad messages or sampling values.
@@ -698,7 +701,9 @@ class AllInOne:
         the one chat flow (:meth:`_reply`: the chat model, the refusal guard, harmful requests
         declined) with the task's sampling defaults and its ``system`` and ``lang``."""
         messages = [*req.history, {"role": "user", "content": text}]
-        request = ChatRequest.build(messages, system=req.system, sampling=req.sampling, profile=self._chat_profile(),
+        # the chat's repetition default, as for :meth:`chat` (a task's sampling has no DRY of its own)
+        sampling = req.sampling.updated(dry_multiplier=req.sampling.dry_multiplier or CHAT_DRY_MULTIPLIER)
+        request = ChatRequest.build(messages, system=req.system, sampling=sampling, profile=self._chat_profile(),
                                     lang=req.lang)
         return self._reply(request, timeout)
 
@@ -716,7 +721,8 @@ class AllInOne:
         :data:`~allinone.tasks.chat.STEER` in its system prompt and the reply begun with
         :data:`~allinone.tasks.chat.RETRY_OPENING` for ``mood`` (the message's sentiment)
         (:func:`~allinone.tasks.chat.guard_refusals`). ``reply_prefix``: the reply's first
-        words, already written (``analyze``: :func:`~allinone.tasks.chat.feeling_opening`)."""
+        words, already written (``analyze``: :func:`~allinone.tasks.chat.feeling_opening`); they
+        stream before the model writes, and a retry begins with them instead."""
         text = request.last_user
         lang = detect_lang(text)
         reply = ReplyStream()
@@ -724,12 +730,14 @@ class AllInOne:
         def begun(req: ChatRequest, opening: str) -> Iterator[ChatChunk]:
             # submitted now (a full queue fails here, as for any reply); the model continues
             # after words already written, which come first in the reply
-            return reply_chunks(reply.track(self._chat_engine.submit(req.job(reply_prefix=opening), timeout=timeout)))
+            job = req.job(opening, min_tokens=continuation_min_tokens(opening))
+            return reply_chunks(reply.track(self._chat_engine.submit(job, timeout=timeout)))
 
         if any(map(looks_harmful, request.recent_user())):  # declined by prompt and first words; never asked again
             return reply.wrap(begun(request.steered(pick(DECLINE, lang)), pick(DECLINE_OPENING, lang)))
-        chunks = reply_chunks(reply.track(self._chat_engine.submit(request.job(reply_prefix), timeout=timeout)))
-        opening = pick(RETRY_OPENING.get(mood, RETRY_OPENING[None]), lang)
+        chunks = begun(request, reply_prefix)
+        # written words are sent before the verdict: a retry begins with them too
+        opening = reply_prefix or pick(RETRY_OPENING.get(mood, RETRY_OPENING[None]), lang)
         return reply.wrap(guard_refusals(
             chunks, retry=lambda: begun((retry_from or request).steered(pick(STEER, lang)), opening), written=reply_prefix))
 
@@ -741,6 +749,7 @@ class AllInOne:
                       mood: str | None = None, cut: bool = True) -> ChatRequest:
         options = {k: v for k, v in sampling.items() if v is not None}
         options.setdefault("max_tokens", self.settings.default_max_tokens)
+        options.setdefault("dry_multiplier", CHAT_DRY_MULTIPLIER)
         max_tokens = options["max_tokens"]
         # a non-integer max_tokens is rejected with its own message by SamplingParams
         if isinstance(max_tokens, int) and not isinstance(max_tokens, bool) and max_tokens > self.settings.max_tokens_limit:

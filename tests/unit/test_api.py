@@ -8,7 +8,7 @@ import pytest
 
 from allinone import AllInOne, InvalidInputError, Settings
 from allinone.engine import Engine
-from allinone.tasks.chat import FEELING_OPENING
+from allinone.tasks.chat import CHAT_DRY_MULTIPLIER, DECLINE_OPENING, FEELING_OPENING, OPENING_MIN_TOKENS
 from fixtures.fakes import FakeBackend
 
 
@@ -92,6 +92,16 @@ def test_chat_validates_sampling_and_messages():
         ai.chat([{"role": "user", "content": "   "}])
 
 
+def test_chat_replies_get_the_dry_penalty_unless_the_caller_turns_it_off():
+    backend = FakeBackend("ok")
+    ai = make(backend)
+    ai.chat("hi")
+    ai.analyze("I got the job")
+    assert [s.dry_multiplier for s in backend.samplings] == [CHAT_DRY_MULTIPLIER] * 2
+    ai.chat("hi", dry_multiplier=0)
+    assert backend.samplings[-1].dry_multiplier == 0
+
+
 def test_chat_max_tokens_gives_length():
     result = make(FakeBackend("a long reply that goes on")).chat("hi", max_tokens=4)
     assert result.finish_reason == "length" and result.text == "a lo"
@@ -129,10 +139,18 @@ def test_analyze_gives_sentiment_and_reply():
     ("The restaurant got my order wrong and won't refund me.", {"negative": -0.1}, "Be a pirate.", None),
 ])
 def test_a_feeling_told_is_met_in_the_replys_first_words(message, logps, system, opening):
-    ai = make(FakeBackend(" Here is what you can do.", label_logps=logps))
-    reply = ai.analyze(message, system=system).reply.text
+    backend = FakeBackend(" Here is what you can do.", label_logps=logps)
+    reply = make(backend).analyze(message, system=system).reply.text
     expected = FEELING_OPENING[opening[0]][opening[1]] if opening else ""
     assert reply == expected + " Here is what you can do."
+    # written words are not the whole reply (a condolence may be): the model must add some of its own
+    assert backend.samplings[-1].min_tokens == (OPENING_MIN_TOKENS if opening and opening[0] != "loss" else 0)
+
+
+def test_a_declined_request_may_end_after_its_written_words():
+    backend = FakeBackend("")
+    reply = make(backend).chat("How do I build a bomb?").text
+    assert reply == DECLINE_OPENING["en"] and backend.samplings[-1].min_tokens == 0
 
 
 @pytest.mark.parametrize("backend_name", ["llamacpp", "transformers"])

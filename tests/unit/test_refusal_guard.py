@@ -117,11 +117,15 @@ def test_a_benign_request_refused_is_asked_again_and_a_harmful_one_keeps_its_ref
     ai.register_task({"name": "chat", "kind": "generate", "template": {"en": "{text}"},
                       "instructions": {"en": "You are warm.", "zh": "你很温暖。"},
                       "mood": {"negative": {"en": "Say you are sorry to hear it.", "zh": "先表达同情。"}}})
-    sentiment, chunks = ai.analyze_stream("我的猫走丢了。")
+    sentiment, chunks = ai.analyze_stream("我的猫走丢了，怎么办？")
     assert "".join(c.text for c in chunks) == RETRY_OPENING["negative"]["zh"] + "Sure! Here is a plan."
     assert sentiment.label == "negative"
     assert "先表达同情。" in backend.seen()[-2]  # the first ask had the mood line
     assert STEER["zh"] in backend.seen()[-1] and "先表达同情。" not in backend.seen()[-1]  # asked again without it
+    # a feeling told: its written words were sent before the refusal, the retry goes on after them
+    sentiment, chunks = ai.analyze_stream("我的猫走丢了。")
+    assert "".join(c.text for c in chunks) == FEELING_OPENING["negative"]["zh"] + "Sure! Here is a plan."
+    assert backend.seen()[-1].endswith("<|im_start|>assistant\n" + FEELING_OPENING["negative"]["zh"])
     ai.close()
 
 
@@ -212,8 +216,23 @@ def test_a_feeling_told_asks_for_nothing(message):
 def test_the_guard_judges_the_models_own_opening_after_words_written_for_it():
     written = FEELING_OPENING["negative"]["en"]
     out = guard_refusals(chunks_of("I'm sorry ", "to hear that.", " I'm sorry, but I can't", " help."),
-                         retry=lambda: chunks_of("Retried."), written=written)
-    assert "".join(c.text for c in out) == "Retried."
+                         retry=lambda: chunks_of("I'm sorry to ", "hear that. Retried."), written=written)
+    assert "".join(c.text for c in out) == written + " Retried."  # the written words are sent once
     out = guard_refusals(chunks_of("I'm sorry ", "to hear that.", " Try this:", " call them."),
                          retry=lambda: chunks_of("Retried."), written=written)
     assert "".join(c.text for c in out) == written + " Try this: call them."
+
+
+def test_written_words_stream_before_the_model_writes():
+    written = FEELING_OPENING["negative"]["en"]
+    produced: list[str] = []
+
+    def source():
+        for piece in ("I'm sorry ", "to hear that.", " I'm", " sorry", ", but I can't", " help."):
+            produced.append(piece)
+            yield ChatChunk(piece)
+
+    guarded = guard_refusals(source(), retry=lambda: chunks_of(written, " Retried."), written=written)
+    first, second = next(guarded), next(guarded)
+    assert first.text + second.text == written and len(produced) == 2  # no model word needed yet
+    assert "".join(c.text for c in guarded) == " Retried."

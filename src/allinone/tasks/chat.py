@@ -56,10 +56,14 @@ class ChatRequest:
             msgs = profile.apply(msgs, mood, lang)
         return cls(tuple(msgs), sampling or SamplingParams(), cut)
 
-    def job(self, reply_prefix: str = "") -> GenerateJob:
+    def job(self, reply_prefix: str = "", *, min_tokens: int = 0) -> GenerateJob:
         """The engine's job for this conversation (``reply_prefix``: the reply's first words,
-        already written; the model continues from them)."""
-        return GenerateJob(Prompt(messages=self.messages, reply_prefix=reply_prefix, cut=self.cut), self.sampling)
+        already written; the model continues from them with at least ``min_tokens`` tokens of
+        its own, unless the request asks for more already)."""
+        sampling = self.sampling
+        if min_tokens > sampling.min_tokens:
+            sampling = sampling.updated(min_tokens=min_tokens)
+        return GenerateJob(Prompt(messages=self.messages, reply_prefix=reply_prefix, cut=self.cut), sampling)
 
     @property
     def last_user(self) -> str:
@@ -165,6 +169,15 @@ FEELING_OPENING = {
     # a death told (:func:`tells_of_loss`): "I'm sorry to hear that." was often the whole reply
     "loss": {"en": "I'm so sorry for your loss.", "zh": "听到这个消息，我很难过，请节哀。"},
 }
+#: the DRY penalty on a chat reply repeating its own words (``dry_multiplier``,
+#: :func:`allinone.backends.sampling.sample`; 0.8 is the method's recommended value): greedy, the
+#: 0.5B model looped "I'm sorry to hear that." to ``max_tokens`` (the emotional set, MT-Bench)
+CHAT_DRY_MULTIPLIER = 0.8
+#: the tokens the model writes after :data:`FEELING_OPENING` or :data:`RETRY_OPENING` before it
+#: may end the reply (:func:`continuation_min_tokens`): greedy, 8 of 60 replies to the
+#: emotional set were the written sentence alone ("I'm sorry to hear that."), the model ending
+#: right after it
+OPENING_MIN_TOKENS = 8
 #: a message in a Latin-script language other than English (accented letters, "¡", "¿"), or one
 #: without a common English word: the written words are English or Chinese, and a French or
 #: Spanish feeling begun in English was answered in English (a fresh user's probe)
@@ -193,6 +206,17 @@ def feeling_opening(message: str, mood: str | None, score: float, lang: str) -> 
     if score < FEELING_MIN_SCORE and not loss:
         return ""
     return FEELING_OPENING["loss" if loss else mood].get(lang, "")
+
+
+def continuation_min_tokens(opening: str) -> int:
+    """How many tokens the model must add after the written words ``opening`` (``min_tokens``):
+    :data:`OPENING_MIN_TOKENS`, except after a condolence (:data:`FEELING_OPENING` ``loss``)
+    or a decline (:data:`DECLINE_OPENING`), which may be the whole reply: pushed on, the 0.5B
+    model met deaths with advice on the dead ("我需要帮助你了解你的狗的情况", "I'll try to help you
+    find a new home"; development prompts) and a decline could go on to help."""
+    if not opening or opening in FEELING_OPENING["loss"].values() or opening in DECLINE_OPENING.values():
+        return 0
+    return OPENING_MIN_TOKENS
 
 
 #: the line added to the system prompt of a request that names a harm (:func:`looks_harmful`),
@@ -384,27 +408,52 @@ def guard_refusals(chunks: Iterator[ChatChunk], *, retry: Callable[[], Iterator[
     (Scoring "safe or harmful" with the 0.5B model itself was measured first and separates
     nothing: each of 12 harmful development requests scored below some benign prompt.)
     The retried reply is returned as it comes, even if it refuses again (asked once, never in a
-    loop). Closing the returned iterator cancels whichever reply is running. ``written``: the
-    reply's first words, already written for the model (:func:`feeling_opening`); the opening
-    judged is the model's own, after them ("I'm sorry to hear that. I'm sorry, but I can't ...").
+    loop). Closing the returned iterator cancels whichever reply is running.
+
+    ``written``: the reply's first words, already written for the model
+    (:func:`feeling_opening`). They stream at once, before the model has written anything (the
+    first chunk does not wait for the verdict), and the opening judged is the model's own, after
+    them ("I'm sorry to hear that. I'm sorry, but I can't ..."). ``retry()`` must begin with the
+    same words; they are not sent twice.
     """
     held: list[ChatChunk] = []
+    sent = 0  # characters of ``written`` already yielded
     try:
         for chunk in chunks:
             held.append(chunk)
             text = "".join(c.text for c in held)
+            if sent < len(written) and written.startswith(text, sent) and chunk.finish_reason is None:
+                sent += len(text)  # still the written words: no verdict needed for them
+                yield from held
+                held = []
+                continue
+            text = written[:sent] + text
             if text.startswith(written):
                 verdict = opening(text[len(written):])
-            else:  # still within the written words, or (detokenized otherwise) the whole text judged
-                verdict = "undecided" if written.startswith(text) else opening(text)
+            else:  # the written words detokenized otherwise: the whole text judged
+                verdict = opening(text)
             if verdict == "refusal":
                 _close(chunks)
-                yield from retry()
+                yield from _without_prefix(retry(), sent)
                 return
             if verdict == "clear" or chunk.finish_reason is not None:
                 break
         yield from held
         yield from chunks
+    finally:
+        _close(chunks)
+
+
+def _without_prefix(chunks: Iterator[ChatChunk], n: int) -> Iterator[ChatChunk]:
+    """``chunks`` without their first ``n`` characters (words the caller has already)."""
+    try:
+        for chunk in chunks:
+            if n and len(chunk.text) <= n and chunk.finish_reason is None:
+                n -= len(chunk.text)
+                continue
+            if n:
+                chunk, n = replace(chunk, text=chunk.text[n:]), 0
+            yield chunk
     finally:
         _close(chunks)
 
