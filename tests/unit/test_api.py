@@ -174,6 +174,26 @@ def test_unknown_option_fails_fast(tiny_hf_dir):
         AllInOne.load(str(tiny_hf_dir), backend="transformers", n_cxt=1)
 
 
+def test_a_conversations_next_turn_computes_only_its_new_message(tiny_backend):
+    ai = AllInOne(Engine(tiny_backend), Settings())
+    tiny_backend.kv.clear()
+    history = [{"role": "user", "content": "hello there"}]
+    for turn in range(4):
+        request = ai._chat_request(history, None, {})
+        starts: list[int] = []
+        ids = tiny_backend.render_chat(request.messages, content_starts=starts)
+        before = ai.stats()
+        reply = ai.chat(history, temperature=0, max_tokens=3)
+        after = ai.stats()
+        computed = (after.prompt_tokens - before.prompt_tokens) - (after.cached_tokens - before.cached_tokens)
+        if turn:
+            # the turn before, its reply and the template's closing of it were cached when that
+            # reply ended: only the new message and the reply's opening are computed now
+            assert computed == len(ids) - starts[-1], f"turn {turn + 1}"
+        assert reply.finish_reason == "length" and reply.text
+        history += [{"role": "assistant", "content": reply.text}, {"role": "user", "content": f"and then {turn}?"}]
+
+
 def test_multi_token_labels_are_scored_token_by_token(tiny_backend):
     from allinone.engine.prompts import fit_prompt
 

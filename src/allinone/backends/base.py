@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..errors import BackendUnavailableError, InvalidInputError
+from ..errors import BackendUnavailableError, InvalidInputError, KVCacheFullError
 from ..types import Message, SamplingParams, TextDelta
 from . import constrained
 from .chat_template import ChatTemplate
@@ -119,6 +119,20 @@ class Backend(abc.ABC):
         if bos and content_starts is not None:
             content_starts[:] = [p + len(bos) for p in content_starts]
         return bos + ids
+
+    def turn_closing_ids(self) -> list[int]:
+        """The chat template's token ids between an assistant message's content and the next
+        user message's content (ChatML: ``<|im_end|>\\n<|im_start|>user\\n``); ``[]`` when the
+        template transforms contents and they cannot be located. Computed once."""
+        if "_turn_closing" not in self.__dict__:
+            starts: list[int] = []
+            msgs = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
+                    {"role": "user", "content": "c"}]
+            ids = self.render_chat(msgs, content_starts=starts)
+            reply = self.tokenize("b")
+            ok = len(starts) == 3 and ids[starts[1]:starts[1] + len(reply)] == reply
+            self._turn_closing = ids[starts[1] + len(reply):starts[2]] if ok else []
+        return list(self._turn_closing)
 
     def layer_index(self, layer: int) -> int:
         """``layer`` as 1 .. :attr:`n_layer` (negative: counted from the end, -1 = the final,
@@ -525,10 +539,19 @@ class Backend(abc.ABC):
             text = memo[token_id] = self.token_bytes([token_id])[0].decode("utf-8", errors="ignore")
         return text
 
-    def finish(self, state: GenState) -> None:
+    def finish(self, state: GenState, *, then: Sequence[int] = ()) -> None:
         """End a reply; its KV state stays cached for the conversation's next turn (unless it
-        was started without ``keep``)."""
-        self.kv.release(state.entry, keep=state.keep and bool(state.entry.tokens))
+        was started without ``keep``). ``then``: tokens computed into the kept sequence first
+        (the turn's closing, :meth:`turn_closing_ids`, so the next turn's prompt finds them
+        cached instead of computing them before its first token); skipped when they do not
+        fit the context or the KV budget."""
+        try:
+            if then and state.keep and len(state.entry.tokens) + len(then) < self.n_ctx:
+                self.forward_hidden([state.entry], [list(then)], (), logits=False)
+        except KVCacheFullError:
+            pass  # only a head start for the next turn: the reply itself is done
+        finally:
+            self.kv.release(state.entry, keep=state.keep and bool(state.entry.tokens))
 
     def generate(self, prompt_ids: Sequence[int], sampling: SamplingParams, *,
                  json_schema: dict | None = None) -> Iterator[int]:

@@ -234,9 +234,9 @@ class LlamaCppBackend(Backend):
         tokens = dict(zip(map(id, runnable), super().step(runnable)))
         return [tokens.get(id(s)) for s in states]
 
-    def finish(self, state: GenState) -> None:
+    def finish(self, state: GenState, *, then: Sequence[int] = ()) -> None:
         if state.entry.handle is not _SOLO:
-            super().finish(state)
+            super().finish(state, then=then)
         elif state.entry is self._solo_owner:
             self._solo_owner = None
 
