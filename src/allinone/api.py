@@ -701,8 +701,8 @@ class AllInOne:
         the one chat flow (:meth:`_reply`: the chat model, the refusal guard, harmful requests
         declined) with the task's sampling defaults and its ``system`` and ``lang``."""
         messages = [*req.history, {"role": "user", "content": text}]
-        # the chat's repetition default, as for :meth:`chat` (a task's sampling has no DRY of its own)
-        sampling = req.sampling.updated(dry_multiplier=req.sampling.dry_multiplier or CHAT_DRY_MULTIPLIER)
+        # the chat's repetition default, as for :meth:`chat` (DRY is not a task parameter)
+        sampling = req.sampling.updated(dry_multiplier=CHAT_DRY_MULTIPLIER)
         request = ChatRequest.build(messages, system=req.system, sampling=sampling, profile=self._chat_profile(),
                                     lang=req.lang)
         return self._reply(request, timeout)

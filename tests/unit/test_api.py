@@ -97,7 +97,8 @@ def test_chat_replies_get_the_dry_penalty_unless_the_caller_turns_it_off():
     ai = make(backend)
     ai.chat("hi")
     ai.analyze("I got the job")
-    assert [s.dry_multiplier for s in backend.samplings] == [CHAT_DRY_MULTIPLIER] * 2
+    ai.run("chat", "hi")  # the chat task run as a task: the same flow
+    assert [s.dry_multiplier for s in backend.samplings] == [CHAT_DRY_MULTIPLIER] * 3
     ai.chat("hi", dry_multiplier=0)
     assert backend.samplings[-1].dry_multiplier == 0
 

@@ -99,9 +99,9 @@ def _decode(backend, prompts, sampling, n, *, together):
     seen: dict[int, list[np.ndarray]] = {}
     pick = base.sample
 
-    def spy(logits, sampling, history, rng, allowed=None):
+    def spy(logits, sampling, history, rng, allowed=None, **kwargs):
         seen.setdefault(id(history), []).append(np.array(logits, copy=True))
-        return pick(logits, sampling, history, rng, allowed)
+        return pick(logits, sampling, history, rng, allowed, **kwargs)
 
     base.sample = spy
     try:

@@ -47,7 +47,7 @@ class GenState:
     keep: bool = True
     #: tokens sampled so far (the reply's own, not the prompt's)
     n_sampled: int = 0
-    #: where the reply begins in ``history``: its written words (the prompt's last tokens) on
+    #: where the reply begins in ``history`` (its written words, the prompt's last tokens, included)
     reply_start: int = 0
 
 

@@ -81,8 +81,8 @@ def sample(logits: np.ndarray, sampling: SamplingParams, history: list[int], rng
     2019) divides positive / multiplies negative logits of tokens in the last
     :data:`PENALTY_WINDOW` of ``history``; the DRY penalty (:data:`DRY_BASE`, when
     ``sampling.dry_multiplier`` > 0) is subtracted from tokens that would extend a repeat within
-    the reply, outside code (:func:`in_code`); then greedy argmax (temperature 0) or temperature, top-k and nucleus (top-p,
-    Holtzman et al. 2020) sampling.
+    the reply, outside code (:func:`in_code`); then greedy argmax (temperature 0) or
+    temperature, top-k and nucleus (top-p, Holtzman et al. 2020) sampling.
 
     Args:
         logits: float row of shape (n_vocab,); not modified.

@@ -169,8 +169,8 @@ FEELING_OPENING = {
     # a death told (:func:`tells_of_loss`): "I'm sorry to hear that." was often the whole reply
     "loss": {"en": "I'm so sorry for your loss.", "zh": "听到这个消息，我很难过，请节哀。"},
 }
-#: the DRY penalty on a chat reply repeating its own words (``dry_multiplier``,
-#: :func:`allinone.backends.sampling.sample`; 0.8 is the method's recommended value): greedy, the
+#: the DRY penalty on a chat reply repeating its own words (the sampling option
+#: ``dry_multiplier``; 0.8 is the method's recommended value): greedy, the
 #: 0.5B model looped "I'm sorry to hear that." to ``max_tokens`` (the emotional set, MT-Bench)
 CHAT_DRY_MULTIPLIER = 0.8
 #: the tokens the model writes after :data:`FEELING_OPENING` or :data:`RETRY_OPENING` before it
