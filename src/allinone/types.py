@@ -41,8 +41,8 @@ class SamplingParams:
         repetition_penalty: CTRL-style penalty (Keskar et al. 2019) on tokens already present;
             1.0 disables.
         min_tokens: the model samples no end token before it has sampled this many tokens
-            (vLLM's ``min_tokens``); ``max_tokens``, stop strings and a full context still end
-            the reply. 0 disables.
+            (vLLM's ``min_tokens``, and as there at most ``max_tokens``); stop strings and a
+            full context still end the reply. 0 disables.
         dry_multiplier: strength of the DRY penalty on a reply repeating its own words
             (:func:`allinone.backends.sampling.sample`; llama.cpp's ``--dry-multiplier``,
             0.8 is its author's recommendation); 0 disables.
@@ -85,6 +85,8 @@ class SamplingParams:
             raise bad("repetition_penalty", f"must be a number between 0.5 and 2, got {self.repetition_penalty!r}")
         if isinstance(self.min_tokens, bool) or not isinstance(self.min_tokens, int) or self.min_tokens < 0:
             raise bad("min_tokens", f"must be an integer >= 0, got {self.min_tokens!r}")
+        if isinstance(self.max_tokens, int) and self.min_tokens > self.max_tokens:
+            raise bad("min_tokens", f"must be at most max_tokens ({self.max_tokens}), got {self.min_tokens}")
         if not number(self.dry_multiplier) or not 0.0 <= self.dry_multiplier <= 5.0:
             raise bad("dry_multiplier", f"must be a number between 0 and 5, got {self.dry_multiplier!r}")
         if isinstance(self.stop, str):

@@ -118,6 +118,17 @@ def test_chat_drops_oldest_turns_when_the_context_is_full():
     assert result.usage.prompt_tokens + 50 <= 300
 
 
+def test_min_tokens_shrinks_with_the_room_a_long_conversation_leaves():
+    messages = [{"role": "user", "content": "question " * 25}, {"role": "assistant", "content": "answer " * 10},
+                {"role": "user", "content": "last"}]
+    probe = FakeBackend("ok")
+    make(probe).chat(messages)
+    backend = FakeBackend("ok", n_ctx=len(probe.prompts[-1]) + 60)  # room for 59 reply tokens
+    result = make(backend).chat(messages, cut=False, max_tokens=200, min_tokens=150)
+    assert result.text == "ok"
+    assert backend.samplings[-1].max_tokens < 150 and backend.samplings[-1].min_tokens == backend.samplings[-1].max_tokens
+
+
 def test_analyze_gives_sentiment_and_reply():
     ai = make(FakeBackend("Congratulations!", label_logps={"positive": -0.1}))
     result = ai.analyze("I got the job", history=[{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}])

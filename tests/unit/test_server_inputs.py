@@ -209,6 +209,12 @@ def test_bad_or_unsupported_options_are_400(client, field, value):
     still_healthy(client)
 
 
+def test_min_tokens_above_max_tokens_is_400(client):
+    expect(client.post(CHAT, json={"messages": [user()], "max_tokens": 8, "min_tokens": 1000}), 400,
+           param="min_tokens")
+    expect(client.post(CHAT, json={"messages": [user()], "max_tokens": 8, "min_tokens": 8}), 200)
+
+
 @pytest.mark.parametrize("field,value", [
     ("reasoning_effort", "low"), ("modalities", ["text", "audio"]), ("functions", [{"name": "f"}]),
     ("function_call", "auto"), ("verbosity", "low"), ("audio", {"voice": "x"}), ("prediction", {"type": "content"}),

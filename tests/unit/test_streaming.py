@@ -56,6 +56,7 @@ def test_stop_string_split_across_chunks_never_leaks():
     {"temperature": -1}, {"temperature": 3}, {"temperature": float("nan")}, {"top_p": -0.01}, {"top_p": 1.5},
     {"max_tokens": 0}, {"max_tokens": -1}, {"max_tokens": 1.5}, {"top_k": -2}, {"seed": "x"},
     {"stop": ("",)}, {"stop": ("a", "b", "c", "d", "e")}, {"min_tokens": -1}, {"min_tokens": 2.0}, {"min_tokens": True},
+    {"min_tokens": 9, "max_tokens": 8},
 ])
 def test_sampling_params_validate(bad):
     with pytest.raises(InvalidInputError):

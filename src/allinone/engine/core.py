@@ -554,7 +554,8 @@ class Engine:
             try:
                 fitted = fit_prompt(self._backend, job.prompt, reserve=job.sampling.max_tokens, share=True)
                 room = self._backend.n_ctx - 1 - len(fitted.ids)
-                sampling = job.sampling if job.sampling.max_tokens <= room else job.sampling.updated(max_tokens=room)
+                sampling = job.sampling if job.sampling.max_tokens <= room else job.sampling.updated(
+                    max_tokens=room, min_tokens=min(job.sampling.min_tokens, room))
                 conversation = fitted.fixed is None
                 if not conversation:
                     self._cache_fixed([fitted])
@@ -606,12 +607,15 @@ class Engine:
 
     def _retire(self, a: _Active, active: list[_Active], *, done: bool = True) -> None:
         active.remove(a)
-        if done:  # the reply is complete: its reader need not wait for the turn's closing
-            a.task.out.put(("ok", _DONE))
         try:
             self._backend.finish(a.state, then=self._turn_closing(a) if done else ())
         except Exception:  # pragma: no cover - releasing a cache entry does not fail
             log.exception("releasing a sequence failed")
+        # after the turn's closing: a caller that ends its process once the reply is read
+        # (the CLI) must not leave the worker inside llama_decode (a fresh user's probe saw
+        # `allinone analyze` exit with a segfault 3 times in 62 when this came first)
+        if done:
+            a.task.out.put(("ok", _DONE))
 
     def _turn_closing(self, a: _Active) -> list[int]:
         """What the next turn of a kept conversation will hold after this reply and is not

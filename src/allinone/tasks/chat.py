@@ -59,10 +59,10 @@ class ChatRequest:
     def job(self, reply_prefix: str = "", *, min_tokens: int = 0) -> GenerateJob:
         """The engine's job for this conversation (``reply_prefix``: the reply's first words,
         already written; the model continues from them with at least ``min_tokens`` tokens of
-        its own, unless the request asks for more already)."""
+        its own, at most ``max_tokens``, unless the request asks for more already)."""
         sampling = self.sampling
-        if min_tokens > sampling.min_tokens:
-            sampling = sampling.updated(min_tokens=min_tokens)
+        if min(min_tokens, sampling.max_tokens) > sampling.min_tokens:
+            sampling = sampling.updated(min_tokens=min(min_tokens, sampling.max_tokens))
         return GenerateJob(Prompt(messages=self.messages, reply_prefix=reply_prefix, cut=self.cut), sampling)
 
     @property
