@@ -57,7 +57,9 @@ USER_SPIN = os.environ.get("GOMP_SPINCOUNT")
 
 
 def child_env() -> dict[str, str]:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(Path(__file__).parent)}
+    # a PYTHONPATH already set stays after ours (to measure another tree of allinone)
+    path = os.pathsep.join(p for p in (str(Path(__file__).parent), os.environ.get("PYTHONPATH")) if p)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": path}
     if USER_SPIN is None:
         env.pop("GOMP_SPINCOUNT", None)
     return env

@@ -23,12 +23,14 @@ sys.path.insert(0, str(Path(__file__).parent))
 import serving  # noqa: E402  (the server, client and topics of the serving benchmark)
 
 
-def conversations(base: str, think: float) -> list[float]:
+def conversations(base: str, think: float, round_no: int) -> list[float]:
     runs = []
     for topic in serving.TURN_TOPICS:
         turns, history = [], []
+        # a round's own words: a later round repeating the first would find its turns cached
+        name = topic if round_no == 0 else f"{topic} (round {round_no + 1})"
         for i in range(10):
-            history.append({"role": "user", "content": f"{topic}, turn {i + 1}: tell me one more fact."})
+            history.append({"role": "user", "content": f"{name}, turn {i + 1}: tell me one more fact."})
             ttft, _, _, text = serving.stream_chat(base, history, max_tokens=48)
             history.append({"role": "assistant", "content": text})
             turns.append(1000 * ttft)
@@ -45,8 +47,8 @@ def main() -> None:
     port = serving.free_port()
     with serving.server(serving.allinone_cmd("llamacpp", port), port, "/health") as (base, _):
         serving.stream_chat(base, [{"role": "user", "content": "warm up"}], max_tokens=8)
-        for _ in range(args.rounds):
-            turns = conversations(base, args.think)
+        for round_no in range(args.rounds):
+            turns = conversations(base, args.think, round_no)
             print(json.dumps({"think_s": args.think, "ttft_ms_by_turn": [round(x, 1) for x in turns],
                               "turn10_over_turn1": round(turns[9] / turns[0], 3),
                               "median_turns_2_10_ms": round(statistics.median(turns[1:]), 1)}), flush=True)

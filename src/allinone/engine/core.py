@@ -622,9 +622,8 @@ class Engine:
         cached yet: the template's turn closing (``<|im_end|>\\n<|im_start|>user\\n``), after
         the reply's last sampled token when that one is text. Computed now, while the user
         reads, the next turn's first token does not wait for them (5 of the 23 tokens a short
-        chat turn computed; measured with 1.5 s between turns, turns 2-10 median 324 against
-        360 ms, docs/benchmarks.md; a client that sends the next turn at once waits for them
-        as before). ``[]`` when the reply's text is not its tokens (a stop string cut it, a
+        chat turn computed; with 1.5 s between turns, turns 2-10 started 14-36 ms sooner in
+        three paired runs, docs/benchmarks.md). ``[]`` when the reply's text is not its tokens (a stop string cut it, a
         character was cut in half) or it was not kept."""
         streamer, state = a.streamer, a.state
         if not state.keep or len(state.pending) != 1 or streamer.text.endswith("\ufffd"):
