@@ -209,6 +209,12 @@ def test_bad_or_unsupported_options_are_400(client, field, value):
     still_healthy(client)
 
 
+def test_a_bad_max_completion_tokens_is_named_even_beside_max_tokens(client):
+    error = expect(client.post(CHAT, json={"messages": [user()], "max_tokens": 8, "max_completion_tokens": 0}), 400,
+                   param="max_completion_tokens")["error"]
+    assert ">= 1" in error["message"]
+
+
 def test_min_tokens_above_max_tokens_is_400(client):
     expect(client.post(CHAT, json={"messages": [user()], "max_tokens": 8, "min_tokens": 1000}), 400,
            param="min_tokens")

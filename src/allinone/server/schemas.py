@@ -166,6 +166,9 @@ class ChatCompletionRequest(Sampling):
                 raise InvalidInputError(f"{name} is not supported", param=name)
         sampling = self.sampling()
         if self.max_completion_tokens is not None:
+            if self.max_completion_tokens < 1:  # named as sent, not as the "disagree" below
+                raise InvalidInputError(f"max_completion_tokens must be an integer >= 1, got {self.max_completion_tokens}",
+                                        param="max_completion_tokens")
             if self.max_tokens is not None and self.max_tokens != self.max_completion_tokens:
                 raise InvalidInputError("max_tokens and max_completion_tokens disagree", param="max_tokens")
             sampling["max_tokens"] = self.max_completion_tokens
