@@ -105,9 +105,9 @@ def sample(logits: np.ndarray, sampling: SamplingParams, history: list[int], rng
         seen = seen[seen < logits.size]
         vals = logits[seen]
         logits[seen] = np.where(vals > 0, vals / sampling.repetition_penalty, vals * sampling.repetition_penalty)
-    reply = history[reply_start:]
-    if sampling.dry_multiplier > 0 and token_text is not None and not in_code(reply, token_text):
-        for tok, length in dry_repeats(reply, token_text).items():
+    if sampling.dry_multiplier > 0 and token_text is not None:
+        reply = history[reply_start:]  # copied only when DRY is on: every decode step comes here
+        for tok, length in ({} if in_code(reply, token_text) else dry_repeats(reply, token_text)).items():
             if length >= DRY_ALLOWED_LENGTH and tok < logits.size:
                 logits[tok] -= sampling.dry_multiplier * DRY_BASE ** min(length - DRY_ALLOWED_LENGTH, DRY_MAX_EXPONENT)
     if sampling.greedy:

@@ -60,9 +60,9 @@ class ChatRequest:
         """The engine's job for this conversation (``reply_prefix``: the reply's first words,
         already written; the model continues from them with at least ``min_tokens`` tokens of
         its own, at most ``max_tokens``, unless the request asks for more already)."""
-        sampling = self.sampling
-        if min(min_tokens, sampling.max_tokens) > sampling.min_tokens:
-            sampling = sampling.updated(min_tokens=min(min_tokens, sampling.max_tokens))
+        sampling, wanted = self.sampling, min(min_tokens, self.sampling.max_tokens)
+        if wanted > sampling.min_tokens:
+            sampling = sampling.updated(min_tokens=wanted)
         return GenerateJob(Prompt(messages=self.messages, reply_prefix=reply_prefix, cut=self.cut), sampling)
 
     @property
