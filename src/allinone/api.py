@@ -43,6 +43,7 @@ from .tasks.chat import (
     feeling_opening,
     guard_refusals,
     looks_harmful,
+    may_tell_feeling,
     tells_of_loss,
 )
 from .tasks.prompting import pick
@@ -295,19 +296,10 @@ class AllInOne:
         """
         self._check_text(text)
         messages = [*(history or []), {"role": "user", "content": text}]
-        plain = self._chat_request(messages, system, sampling)  # bad messages or options fail before any model call
-        item = self._prepare(ANALYZE_SENTIMENT, text, {})
-        sentiment = self._execute([item], text, timeout)[ANALYZE_SENTIMENT]
-        # the reply knows how the message sounds: a complaint gets an apology, good news joy,
-        # a loss sympathy even when the head (fit on reviews) scores it positive
-        mood = "negative" if tells_of_loss(text) else sentiment.label
-        request = self._chat_request(messages, system, sampling, mood=mood)
-        # a feeling told (nothing asked) is met in the reply's first words, not left to the
-        # model; a caller's own system prompt decides how its assistant speaks
-        own_system = system is not None or any(m.get("role") == "system" for m in messages)
-        first = "" if own_system else feeling_opening(text, mood, sentiment.scores.get(sentiment.label, 0.0),
-                                                      detect_lang(text))
-        return sentiment, self._reply(request, timeout, retry_from=plain, mood=mood, reply_prefix=first)
+        self._chat_request(messages, system, sampling)  # bad messages or options fail before any model call
+        sentiment = self.run(ANALYZE_SENTIMENT, text, timeout=timeout)
+        return sentiment, self._answer(lambda mood: self._chat_request(messages, system, sampling, mood=mood),
+                                       _own_system(messages, system), timeout, sentiment=sentiment)
 
     def fit(self, task: str, data: str | Path | Sequence[str | Path], *, method: str = "auto",
             limit: int | Sequence[int] | None = None,
@@ -467,8 +459,8 @@ class AllInOne:
             ContextLengthError: with ``cut=False``, a conversation that does not fit (raised
                 by the stream, before its first chunk).
         """
-        request = self._chat_request(messages, system, sampling, cut=cut)
-        chunks = self._reply(request, timeout)
+        chunks = self._answer(lambda mood: self._chat_request(messages, system, sampling, mood=mood, cut=cut),
+                              _own_system(messages, system), timeout)
         return chunks if stream else ChatResult.from_chunks(chunks)
 
     # -- the one flow -------------------------------------------------------------------
@@ -703,9 +695,40 @@ class AllInOne:
         messages = [*req.history, {"role": "user", "content": text}]
         # the chat's repetition default, as for :meth:`chat` (DRY is not a task parameter)
         sampling = req.sampling.updated(dry_multiplier=CHAT_DRY_MULTIPLIER)
-        request = ChatRequest.build(messages, system=req.system, sampling=sampling, profile=self._chat_profile(),
-                                    lang=req.lang)
-        return self._reply(request, timeout)
+        profile = self._chat_profile()
+        return self._answer(lambda mood: ChatRequest.build(messages, system=req.system, sampling=sampling,
+                                                           profile=profile, mood=mood, lang=req.lang),
+                            req.system is not None, timeout)
+
+    def _answer(self, build: Callable[[str | None], ChatRequest], own_system: bool, timeout: float | None, *,
+                sentiment: ClassifyResult | None = None) -> ReplyStream:
+        """The reply to a conversation, the one flow of :meth:`chat`, :meth:`analyze_stream`
+        and the ``chat`` task. ``build(mood)`` makes the request (``mood``: the last user
+        message's sentiment label, which adds the chat task's mood line; ``None``: none) and
+        raises its validation errors before any model call; ``own_system``: the caller set a
+        system prompt.
+
+        The reply knows how the message sounds: with its ``sentiment`` (``analyze`` has it;
+        :meth:`chat` computes it only for a message that may tell a feeling,
+        :func:`~allinone.tasks.chat.may_tell_feeling`, and only when the caller set no system
+        prompt, so a request costs no extra pass), a complaint gets an apology, good news joy,
+        a loss told sympathy even when the head (fit on reviews) scores it positive; a feeling
+        told (nothing asked) is met in the reply's first words
+        (:func:`~allinone.tasks.chat.feeling_opening`), not left to the model, which answered
+        "My dog died this morning." with "The dog died this morning." A caller's own system
+        prompt decides how its assistant speaks: it gets the mood line, never written words."""
+        plain = build(None)
+        text = plain.last_user
+        lang = detect_lang(text)
+        answers_user = plain.messages[-1]["role"] == "user"
+        if sentiment is None:
+            if own_system or not answers_user or not may_tell_feeling(text, lang):
+                return self._reply(plain, timeout)
+            sentiment = self.run(ANALYZE_SENTIMENT, text, timeout=timeout)
+        mood = "negative" if tells_of_loss(text) else sentiment.label
+        first = "" if own_system or not answers_user else feeling_opening(
+            text, mood, sentiment.scores.get(sentiment.label, 0.0), lang)
+        return self._reply(build(mood), timeout, retry_from=plain, mood=mood, reply_prefix=first)
 
     def _reply(self, request: ChatRequest, timeout: float | None, *,
                retry_from: ChatRequest | None = None, mood: str | None = None,
@@ -825,3 +848,9 @@ def _declared_in(spec: TaskSpec) -> Path | None:
     """The file a task was declared in (its artifact goes next to it), or None (built-in or
     registered from Python: the cache)."""
     return Path(spec.source) if spec.source and not spec.source.startswith("<") else None
+
+
+def _own_system(messages: Any, system: str | None) -> bool:
+    """The caller set a system prompt (``system``, or a system message in ``messages``)."""
+    return system is not None or (not isinstance(messages, str) and any(
+        isinstance(m, Mapping) and m.get("role") == "system" for m in messages))

@@ -515,6 +515,8 @@ def eval_task(
     inject_set: Annotated[bool, typer.Option("--inject-set", help="also run every text with one of 36 injected instructions appended (flip rate; span tasks: entities lost)")] = False,
     param: Annotated[Optional[list[str]], typer.Option("--param", "-p", help="any other task parameter, KEY=VALUE")] = None,
     markdown: Annotated[bool, typer.Option("--markdown", help="print the report as a markdown table")] = False,
+    via: Annotated[str, typer.Option(help="chat: the surface that replies: analyze (sentiment first, as the web UI) "
+                                          "or chat (as /v1/chat/completions and `allinone chat`)")] = "analyze",
     as_json: JsonOpt = False, options: Optional[dict] = None,
 ) -> None:
     """Score a task on a labelled file: accuracy and macro-F1 (classify), span P/R/F1 (NER), F1@10
@@ -527,7 +529,7 @@ def eval_task(
 
     spec = _registry(options).get(task)
     if kind_of(spec).streams:  # a generate task: score its replies
-        return _eval_chat(data, limit, _params(param), options, as_json)
+        return _eval_chat(data, limit, _params(param), options, as_json, via)
     rows = load_jsonl(data, require=("text",))
     if not rows:
         raise InvalidInputError(f"{data} has no rows")
@@ -564,18 +566,20 @@ def eval_task(
     print(to_markdown(report).split("\n\n", 1)[-1] if "\n\n" in to_markdown(report) else "")
 
 
-def _eval_chat(data: Path, limit: Optional[int], params: dict, options: dict, as_json: bool) -> None:
-    from .eval.chat import evaluate_chat
+def _eval_chat(data: Path, limit: Optional[int], params: dict, options: dict, as_json: bool, via: str) -> None:
+    from .eval.chat import VIAS, evaluate_chat
 
+    if via not in VIAS:
+        raise InvalidInputError(f"--via must be one of {', '.join(VIAS)}", param="via")
     if str(data) not in ("emotional", "harmful", "dev") and not Path(data).is_file():
         raise InvalidInputError(f"no such prompt file: {data} (or use emotional, harmful, dev)")
     ai = _load(options, request_timeout=None)
-    report = evaluate_chat(ai, data, limit=limit, params=params, keep_replies=as_json)
+    report = evaluate_chat(ai, data, limit=limit, params=params, keep_replies=as_json, via=via)
     if as_json:
         _dump(report)
         return
     model = report["model"] if report["chat_model"] == report["model"] else f"{report['model']} + {report['chat_model']} (chat)"
-    print(f"{model}: {report['data']} ({report['rows']} prompts, {report['replies']} replies)")
+    print(f"{model} via {report['via']}: {report['data']} ({report['rows']} prompts, {report['replies']} replies)")
     for key in ("refusal_rate", "language_match", "stop_rate", "loop_rate", "empty_rate", "echo_rate", "acknowledge_rate",
                 "misplaced_sympathy_rate", "declined_rate", "ms_first_token_p50"):
         if key in report:

@@ -150,13 +150,37 @@ def test_analyze_gives_sentiment_and_reply():
     ("I just ran my first 10k without stopping!", {"negative": -0.70, "positive": -0.72}, None, None),  # unsure
     ("The restaurant got my order wrong and won't refund me.", {"negative": -0.1}, "Be a pirate.", None),
 ])
-def test_a_feeling_told_is_met_in_the_replys_first_words(message, logps, system, opening):
+@pytest.mark.parametrize("surface", ["analyze", "chat"])
+def test_a_feeling_told_is_met_in_the_replys_first_words(message, logps, system, opening, surface):
     backend = FakeBackend(" Here is what you can do.", label_logps=logps)
-    reply = make(backend).analyze(message, system=system).reply.text
+    ai = make(backend)
+    reply = ai.analyze(message, system=system).reply.text if surface == "analyze" else ai.chat(message, system=system).text
     expected = FEELING_OPENING[opening[0]][opening[1]] if opening else ""
     assert reply == expected + " Here is what you can do."
     # written words are not the whole reply (a condolence may be): the model must add some of its own
     assert backend.samplings[-1].min_tokens == (OPENING_MIN_TOKENS if opening and opening[0] != "loss" else 0)
+
+
+@pytest.mark.parametrize(("messages", "system"), [
+    ("My laptop is really slow, any tips?", None),  # asks
+    ("Write a haiku about rain.", None),
+    ("怎么跟父母说我想换工作？", None),
+    ("Je suis tellement fatigué.", None),  # a language without written words
+    ("The soup was cold.", "Be a pirate."),  # the caller's own system prompt
+    ([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "The soup was cold."}], None),
+])
+def test_chat_scores_the_sentiment_only_of_a_feeling_it_may_meet(messages, system):
+    backend = FakeBackend("ok", label_logps={"negative": -0.1})
+    assert make(backend).chat(messages, system=system).text == "ok"
+    assert backend.calls == ["generate"]  # no sentiment pass before the reply
+
+
+def test_chat_meets_a_feeling_told_after_a_conversation_too():
+    backend = FakeBackend(" Let's fix it.", label_logps={"negative": -0.1})
+    history = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    reply = make(backend).chat([*history, {"role": "user", "content": "外卖送错了，商家还不给退款。"}]).text
+    assert reply == FEELING_OPENING["negative"]["zh"] + " Let's fix it."
+    assert backend.calls == ["score", "generate"]
 
 
 def test_a_declined_request_may_end_after_its_written_words():

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from allinone import AllInOne, Settings
+from allinone import AllInOne, InvalidInputError, Settings
 from allinone.engine import Engine
 from allinone.eval.chat import (
     TRANSLATE,
@@ -84,4 +84,19 @@ def test_evaluate_chat_scores_a_scripted_model(tmp_path):
     sorry.close()
     harmful = evaluate_chat(ai, "harmful", progress=False)
     assert harmful["declined_rate"] == 1.0 and "refusal_rate" not in harmful
+    ai.close()
+
+
+def test_evaluate_chat_scores_the_surface_asked_for(tmp_path):
+    data = tmp_path / "prompts.jsonl"
+    data.write_text(json.dumps({"id": "a", "lang": "en", "turns": ["Tell me a joke."]}) + "\n", encoding="utf-8")
+    backend = FakeBackend("Why did the chicken cross the road?", label_logps={"positive": -0.1})
+    ai = AllInOne(Engine(backend), Settings())
+    assert evaluate_chat(ai, data, progress=False, via="analyze")["via"] == "analyze"
+    assert backend.calls == ["score", "generate"]  # analyze labels every message first
+    backend.calls.clear()
+    assert evaluate_chat(ai, data, progress=False, via="chat")["via"] == "chat"
+    assert backend.calls == ["generate"]  # chat: a request costs no sentiment pass
+    with pytest.raises(InvalidInputError, match="via"):
+        evaluate_chat(ai, data, progress=False, via="ui")
     ai.close()

@@ -215,10 +215,10 @@ def test_a_feeling_told_asks_for_nothing(message):
 
 def test_the_guard_judges_the_models_own_opening_after_words_written_for_it():
     written = FEELING_OPENING["negative"]["en"]
-    out = guard_refusals(chunks_of("I'm sorry ", "to hear that.", " I'm sorry, but I can't", " help."),
-                         retry=lambda: chunks_of("I'm sorry to ", "hear that. Retried."), written=written)
+    out = guard_refusals(chunks_of(written[:10], written[10:], " I'm sorry, but I can't", " help."),
+                         retry=lambda: chunks_of(written[:13], written[13:] + " Retried."), written=written)
     assert "".join(c.text for c in out) == written + " Retried."  # the written words are sent once
-    out = guard_refusals(chunks_of("I'm sorry ", "to hear that.", " Try this:", " call them."),
+    out = guard_refusals(chunks_of(written[:10], written[10:], " Try this:", " call them."),
                          retry=lambda: chunks_of("Retried."), written=written)
     assert "".join(c.text for c in out) == written + " Try this: call them."
 
@@ -228,7 +228,7 @@ def test_written_words_stream_before_the_model_writes():
     produced: list[str] = []
 
     def source():
-        for piece in ("I'm sorry ", "to hear that.", " I'm", " sorry", ", but I can't", " help."):
+        for piece in (written[:10], written[10:], " I'm", " sorry", ", but I can't", " help."):
             produced.append(piece)
             yield ChatChunk(piece)
 

@@ -42,6 +42,7 @@ from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..errors import InvalidInputError
 from ..tasks.chat import is_refusal
 from .data import load_jsonl
 
@@ -59,6 +60,8 @@ ACKNOWLEDGE_PATTERNS = {
     "good_news": (r"congrat", r"great news", r"wonderful", r"amazing", r"fantastic", r"happy for you", r"well done",
                   r"proud", r"exciting", r"恭喜", r"祝贺", r"太好了", r"真棒", r"为你高兴", r"开心", r"了不起", r"厉害"),
 }
+#: the surfaces :func:`evaluate_chat` can score
+VIAS = ("analyze", "chat")
 #: a request whose answer is in another language by design (left out of the language match)
 TRANSLATE = re.compile(r"\btranslat|翻译|译成|译为", re.IGNORECASE)
 #: sympathy, which a reply to a prompt without a feeling should not open with
@@ -135,7 +138,7 @@ class Turn:
 
 def evaluate_chat(ai: "AllInOne", data: str | Path, *, limit: int | None = None, both_turns: bool = True,
                   params: dict[str, Any] | None = None, progress: bool = True,
-                  keep_replies: bool = False) -> dict[str, Any]:
+                  keep_replies: bool = False, via: str = "analyze") -> dict[str, Any]:
     """Chat with the model over a prompt file and score the replies (see the module docstring).
 
     Args:
@@ -144,6 +147,12 @@ def evaluate_chat(ai: "AllInOne", data: str | Path, *, limit: int | None = None,
         params: options of ``ai.analyze_stream`` / ``ai.chat`` (sampling, ``system``);
             ``temperature`` defaults to 0 (greedy), ``max_tokens`` to the server default.
         keep_replies: put every reply in the report (``replies``).
+        via: the surface that replies: ``analyze`` (``ai.analyze_stream``: the sentiment of every
+            message first, as the web UI) or ``chat`` (``ai.chat``, as ``/v1/chat/completions``
+            and ``allinone chat``: a sentiment only for a message that may tell a feeling).
+
+    Raises:
+        InvalidInputError: ``via`` is neither.
 
     Returns:
         counts and rates: ``refusal_rate``, ``language_match``, ``stop_rate``, ``loop_rate``,
@@ -153,6 +162,8 @@ def evaluate_chat(ai: "AllInOne", data: str | Path, *, limit: int | None = None,
     """
     from tqdm import tqdm
 
+    if via not in VIAS:
+        raise InvalidInputError(f"via must be one of {', '.join(VIAS)}", param="via")
     path = builtin_set(str(data)) if str(data) in ("emotional", "harmful", "dev") else Path(data)
     rows = load_jsonl(path, limit=limit, require=("turns",))
     opts = {"temperature": 0.0, **(params or {})}
@@ -164,7 +175,10 @@ def evaluate_chat(ai: "AllInOne", data: str | Path, *, limit: int | None = None,
         mine: list[Turn] = []
         for prompt in row["turns"][: 2 if both_turns else 1]:
             start = time.perf_counter()
-            sentiment, chunks = ai.analyze_stream(prompt, history, **opts)
+            if via == "chat":
+                chunks = ai.chat([*history, {"role": "user", "content": prompt}], stream=True, **opts)
+            else:
+                _, chunks = ai.analyze_stream(prompt, history, **opts)
             parts, finish = [], "length"
             for chunk in chunks:
                 if not parts:
@@ -178,7 +192,7 @@ def evaluate_chat(ai: "AllInOne", data: str | Path, *, limit: int | None = None,
             turns.append(t)
             history += [{"role": "user", "content": prompt}, {"role": "assistant", "content": reply}]
         per_row.append((row, mine))
-    report: dict[str, Any] = {"data": str(path), "model": ai.model_id, "chat_model": ai.chat_model_id,
+    report: dict[str, Any] = {"data": str(path), "model": ai.model_id, "chat_model": ai.chat_model_id, "via": via,
                               "rows": len(rows), "replies": len(turns)}
     benign = [t for (row, ts) in per_row if not row.get("harmful") for t in ts]
     if benign:

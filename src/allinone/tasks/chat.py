@@ -191,17 +191,25 @@ _ENGLISH_WORDS = re.compile(r"\b(?:i|i'm|i've|my|the|is|was|are|and|to|it|just|g
 FEELING_MIN_SCORE = 0.8
 
 
+def may_tell_feeling(message: str, lang: str) -> bool:
+    """``message`` (in ``lang``, :func:`detect_lang`) asks for nothing (:func:`asks`) and is in
+    English or Chinese, the languages of :data:`FEELING_OPENING`: whether its reply may begin
+    with one, once its sentiment is known. ``chat`` computes the sentiment of such a message
+    only; a request is answered without that extra pass."""
+    if asks(message) or lang not in FEELING_OPENING["negative"]:
+        return False
+    # another language: the model answers in it, from its own first word
+    return lang != "en" or not _NOT_ENGLISH.search(message) and bool(_ENGLISH_WORDS.search(message))
+
+
 def feeling_opening(message: str, mood: str | None, score: float, lang: str) -> str:
     """The first words of the reply to ``message`` whose sentiment is ``mood`` with ``score``
     (a probability, 0–1) and language ``lang`` (``en`` or ``zh``, :func:`detect_lang`):
     :data:`FEELING_OPENING` when the message tells of a feeling and asks for nothing
-    (:func:`asks`), is in English or Chinese, and the mood is sure (a loss told,
-    :func:`tells_of_loss`, or a score of at least :data:`FEELING_MIN_SCORE`); else ``""`` (the
-    model chooses its opening)."""
-    if mood not in ("negative", "positive") or asks(message):
+    (:func:`may_tell_feeling`) and the mood is sure (a loss told, :func:`tells_of_loss`, or a
+    score of at least :data:`FEELING_MIN_SCORE`); else ``""`` (the model chooses its opening)."""
+    if mood not in ("negative", "positive") or not may_tell_feeling(message, lang):
         return ""
-    if lang == "en" and (_NOT_ENGLISH.search(message) or not _ENGLISH_WORDS.search(message)):
-        return ""  # another language: the model answers in it, from its own first word
     loss = mood == "negative" and tells_of_loss(message)
     if score < FEELING_MIN_SCORE and not loss:
         return ""

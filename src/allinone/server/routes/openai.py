@@ -19,7 +19,7 @@ from starlette.types import Receive, Scope, Send
 
 from ...errors import AllInOneError
 from ...results import ChatChunk, ChatResult
-from ..deps import Slot, server_state
+from ..deps import Slot, blocking, server_state
 from ..errors import error_body
 from ..schemas import ChatCompletionRequest
 from ..state import SSE_GRACE_S, ServerState
@@ -46,7 +46,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> dic
     try:
         # as OpenAI: a conversation that does not fit is refused (400 context_length_exceeded),
         # not answered from a cut prompt the response could not say was cut
-        stream = ChunkStream(ai.chat(messages, stream=True, cut=False, **sampling))
+        # on a worker thread: a message that tells a feeling has its sentiment computed first
+        stream = ChunkStream(await blocking(lambda: ai.chat(messages, stream=True, cut=False, **sampling)))
     except BaseException:
         slot.release()
         raise
