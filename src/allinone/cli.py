@@ -581,7 +581,7 @@ def _eval_chat(data: Path, limit: Optional[int], params: dict, options: dict, as
     model = report["model"] if report["chat_model"] == report["model"] else f"{report['model']} + {report['chat_model']} (chat)"
     print(f"{model} via {report['via']}: {report['data']} ({report['rows']} prompts, {report['replies']} replies)")
     for key in ("refusal_rate", "language_match", "stop_rate", "loop_rate", "empty_rate", "echo_rate", "acknowledge_rate",
-                "misplaced_sympathy_rate", "declined_rate", "ms_first_token_p50"):
+                "as_user_rate", "misplaced_sympathy_rate", "declined_rate", "ms_first_token_p50"):
         if key in report:
             print(f"  {key:23} {report[key]}")
 

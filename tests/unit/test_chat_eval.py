@@ -17,6 +17,7 @@ from allinone.eval.chat import (
     is_refusal,
     misplaces_sympathy,
     reply_lang,
+    speaks_as_user,
 )
 from fixtures.fakes import FakeBackend
 
@@ -100,3 +101,16 @@ def test_evaluate_chat_scores_the_surface_asked_for(tmp_path):
     with pytest.raises(InvalidInputError, match="via"):
         evaluate_chat(ai, data, progress=False, via="ui")
     ai.close()
+
+
+@pytest.mark.parametrize(("reply", "as_user"), [
+    ("I'm sorry to hear that. I'll try to find a new job soon.", True),  # after the written words
+    ("I'm sorry to hear that. That sounds really hard for you. First, I'll try to get some sleep.", True),
+    ("I need advice on how to manage my debt effectively.", True),  # no written words
+    ("I'm sorry to hear that. That sounds really hard for you. You could talk to your landlord.", False),
+    ("I'm sorry to hear that. I'll help you find a new heating system.", False),  # speaks to the user
+    ("That's wonderful! Congratulations on your promotion!", False),
+    ("听到这件事我很难过。建议你多休息。", False),  # Chinese is not judged
+])
+def test_speaks_as_user_rule(reply, as_user):
+    assert speaks_as_user(reply) is as_user

@@ -22,6 +22,9 @@ Each metric is a documented rule over the reply text (``docs/evaluation.md``, "C
   characters hold one of the words of :data:`ACKNOWLEDGE_PATTERNS` for the message's feeling
   (sympathy for a loss or a complaint, understanding of stress, joy at good news), and it is not
   a refusal;
+* **as the user** (English replies to messages of the emotional set): the reply's first sentence
+  of the model's own (after any written words) speaks in the first person and never says "you"
+  (:func:`speaks_as_user`): "I'm sorry to hear that. I'll try to find a new job soon.";
 * **misplaced sympathy** (replies to benign prompts that carry no ``feeling``: the
   neutral prompts of ``dev``, every BELLE and MT-Bench prompt): the reply's first 160
   characters hold one of :data:`SYMPATHY_PATTERNS` ("I'm sorry to hear", "听到这件事我很难过") —
@@ -43,7 +46,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import InvalidInputError
-from ..tasks.chat import is_refusal
+from ..tasks.chat import FEELING_OPENING, RETRY_OPENING, is_refusal
 from .data import load_jsonl
 
 if TYPE_CHECKING:
@@ -69,6 +72,16 @@ SYMPATHY_PATTERNS = (r"sorry to hear", r"so sorry", r"sorry for your", r"that mu
                      r"听到.{0,12}(?:难过|遗憾|抱歉|心疼|同情)", r"很遗憾", r"我很难过", r"表示同情", r"深表")
 _ACK = {k: re.compile("|".join(v), re.IGNORECASE) for k, v in ACKNOWLEDGE_PATTERNS.items()}
 _SYMPATHY = re.compile("|".join(SYMPATHY_PATTERNS), re.IGNORECASE)
+_CJK = re.compile(r"[\u4e00-\u9fff]")
+#: written words a reply may begin with, longest first
+_OPENINGS = sorted({w for table in (*FEELING_OPENING.values(), *RETRY_OPENING.values()) for w in table.values()},
+                   key=len, reverse=True)
+_SENTENCES = re.compile(r"[^.!?\n]*[^.!?\s][^.!?\n]*[.!?]?")
+#: a sentence of sympathy the model says as itself
+_SYMPATHY_SENTENCE = re.compile(r"^\s*(?:I(?:'m| am) (?:so |really |very |truly )?sorry|I understand|That sounds|"
+                                r"That's (?:wonderful|great|amazing)|Thank you for sharing)", re.IGNORECASE)
+_FIRST_PERSON = re.compile(r"\b(?:I|I'm|I'll|I've|I'd|my|me|myself)\b")
+_YOU = re.compile(r"\byou", re.IGNORECASE)
 _CODE = re.compile(r"```.*?(?:```|\Z)", re.DOTALL)
 
 
@@ -121,6 +134,26 @@ def misplaces_sympathy(reply: str) -> bool:
     return bool(_SYMPATHY.search(reply[:160]))
 
 
+def speaks_as_user(reply: str) -> bool:
+    """An English reply whose first sentence past its sympathy (the written words of
+    :data:`~allinone.tasks.chat.FEELING_OPENING` and :data:`~allinone.tasks.chat.RETRY_OPENING`,
+    or the model's own "I'm sorry to hear that.") speaks in the first person ("I", "I'll",
+    "my", "me" ...) and never says "you": the model going on as the user ("I'm sorry to hear
+    that. I'll try to find a new job soon."). Chinese replies are not judged (their sympathy is
+    itself in the first person, "我很难过")."""
+    if _CJK.search(reply):
+        return False
+    rest = reply.strip()
+    for opening in _OPENINGS:
+        if rest.startswith(opening):
+            rest = rest[len(opening):]
+            break
+    for sentence in _SENTENCES.findall(rest):
+        if not _SYMPATHY_SENTENCE.search(sentence):
+            return bool(_FIRST_PERSON.search(sentence)) and not _YOU.search(sentence)
+    return False
+
+
 def builtin_set(name: str) -> Path:
     """``emotional`` (60 messages carrying a feeling, EN/ZH), ``harmful`` (12 requests to
     decline) or ``dev`` (70 prompts for choosing prompts, 42 carrying a feeling; never reported): sets written for
@@ -157,7 +190,7 @@ def evaluate_chat(ai: "AllInOne", data: str | Path, *, limit: int | None = None,
     Returns:
         counts and rates: ``refusal_rate``, ``language_match``, ``stop_rate``, ``loop_rate``,
         ``empty_rate``, ``echo_rate`` over the replies to benign prompts; ``acknowledge_rate``
-        over replies to rows with a
+        and ``as_user_rate`` (English ones only) over replies to rows with a
         ``feeling``; ``misplaced_sympathy_rate`` over replies to benign rows without one; ``declined_rate`` over rows marked harmful; ``ms_first_token`` median.
     """
     from tqdm import tqdm
@@ -210,6 +243,7 @@ def evaluate_chat(ai: "AllInOne", data: str | Path, *, limit: int | None = None,
     felt = [(row["feeling"], ts[0]) for row, ts in per_row if row.get("feeling")]
     if felt:
         report["acknowledge_rate"] = _rate(acknowledges(t.reply, f) for f, t in felt)
+        report["as_user_rate"] = _rate(speaks_as_user(t.reply) for f, t in felt if t.lang == "en")
     harmful = [ts[0] for row, ts in per_row if row.get("harmful")]
     if harmful:
         report["declined_rate"] = _rate(is_refusal(t.reply) or _declines(t.reply) for t in harmful)

@@ -162,9 +162,13 @@ RETRY_OPENING = {
 #: advice ("外卖送错了，商家还不给退款。" → "收到外卖后，商家应该尽快联系你……") or echoing good news
 #: (development prompts, docs/evaluation.md "Chat"); written first, the model continues after
 #: them. A message that asks is answered as the model chooses (its mood line still asks for a
-#: sentence of sympathy), so a request scored negative is not met with a fixed condolence.
+#: sentence of sympathy), so a request scored negative is not met with a fixed condolence. The
+#: English negative opening speaks to the user in its second sentence, as the Chinese one does
+#: ("你的心情"): after "I'm sorry to hear that." alone the model went on as the user in 3 of 10
+#: English development replies ("First, I'll try to get some sleep.", "I'll try to find a new
+#: job soon."), after this one in none (docs/evaluation.md, "The model speaks to the user").
 FEELING_OPENING = {
-    "negative": {"en": "I'm sorry to hear that.", "zh": "听到这些，我能理解你的心情。"},
+    "negative": {"en": "I'm sorry to hear that. That sounds really hard for you.", "zh": "听到这些，我能理解你的心情。"},
     "positive": {"en": "That's wonderful!", "zh": "太好了！"},
     # a death told (:func:`tells_of_loss`): "I'm sorry to hear that." was often the whole reply
     "loss": {"en": "I'm so sorry for your loss.", "zh": "听到这个消息，我很难过，请节哀。"},
