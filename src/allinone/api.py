@@ -439,6 +439,12 @@ class AllInOne:
              **sampling: Any) -> ChatResult | Iterator[ChatChunk]:
         """Reply to a conversation.
 
+        Without a system prompt (``system`` or a system message), a last message that only
+        tells of a feeling ("My dog died this morning.", "外卖送错了，商家还不给退款。": it asks
+        nothing, English or Chinese) first has its sentiment computed (one forward pass of the
+        task model, as ``analyze`` does), and the reply is begun to meet it; any other message
+        is answered without that pass (see :meth:`_answer`).
+
         Args:
             messages: a string (one user message) or a list of ``{"role", "content"}``.
             stream: return an iterator of :class:`ChatChunk` instead of a :class:`ChatResult`
@@ -716,7 +722,8 @@ class AllInOne:
         told (nothing asked) is met in the reply's first words
         (:func:`~allinone.tasks.chat.feeling_opening`), not left to the model, which answered
         "My dog died this morning." with "The dog died this morning." A caller's own system
-        prompt decides how its assistant speaks: it gets the mood line, never written words."""
+        prompt decides how its assistant speaks: it never gets written words (from ``analyze``,
+        which has the sentiment anyway, it gets the mood line)."""
         plain = build(None)
         text = plain.last_user
         lang = detect_lang(text)
