@@ -9,7 +9,7 @@ import time
 import pytest
 
 from allinone.engine import TEXT_SLOT, Engine, GenerateJob, Prompt, ScoreJob, TokenizeJob, core
-from allinone.errors import InvalidInputError, OverloadedError, RequestTimeoutError, ShuttingDownError
+from allinone.errors import CancelledError, InvalidInputError, OverloadedError, RequestTimeoutError, ShuttingDownError
 from allinone.types import SamplingParams
 from fixtures.fakes import FakeBackend
 
@@ -175,6 +175,32 @@ def test_closing_a_stream_cancels_generation():
     time.sleep(0.05)
     assert backend.generated < 1000  # the worker stopped early
     assert backend.finished == 1  # and released the sequence
+    engine.close()
+
+
+def test_jobs_cancelled_before_they_start_end_for_their_readers():
+    """A reader that cancels a reply before reading it sees the stream end (it used to wait
+    forever: a fresh user's `s = ai.chat(..., stream=True); s.cancel(); list(s)` hung)."""
+    backend = FakeBackend("y" * 100, step_delay=0.001)
+    engine = Engine(backend, max_active=1)
+    backend.gate.clear()  # the worker blocks inside the first reply's decode step
+    first = reply(engine, max_tokens=5)
+    deadline = time.monotonic() + 5
+    while not backend.steps and time.monotonic() < deadline:
+        time.sleep(0.01)
+    second = reply(engine)  # waits: one reply at a time
+    pending = engine.submit(ScoreJob(Prompt(messages=({"role": "user", "content": "x"},)), ("x",)))
+    second.cancel()
+    pending.cancel()
+    backend.gate.set()
+    ended: list = []
+    reader = threading.Thread(target=lambda: ended.append(list(second)), daemon=True)
+    reader.start()
+    reader.join(5)
+    assert ended == [[]]  # ended, nothing generated
+    with pytest.raises(CancelledError):
+        pending.result()
+    assert "".join(d.text for d in first) == "yyyyy"  # the reply that ran is untouched
     engine.close()
 
 

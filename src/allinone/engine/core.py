@@ -36,7 +36,14 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..backends.kv_cache import common_prefix_len
-from ..errors import AllInOneError, InvalidInputError, OverloadedError, RequestTimeoutError, ShuttingDownError
+from ..errors import (
+    AllInOneError,
+    CancelledError,
+    InvalidInputError,
+    OverloadedError,
+    RequestTimeoutError,
+    ShuttingDownError,
+)
 from ..types import TextDelta
 from .device import DeviceLock
 from .jobs import EncodeJob, EncodeOutput, GenerateJob, Job, PromptInfo, ScoreJob, ScoreOutput, TokenizeJob
@@ -386,6 +393,7 @@ class Engine:
             for task in [t for t in waiting if t.dead]:
                 waiting.remove(task)
                 self._started(task)
+                self._drop(task)
             if self._abort is not None:
                 self._fail_all(waiting, active, self._abort)
             if closing and not waiting and not active:
@@ -396,6 +404,18 @@ class Engine:
                 with self._device:
                     self._turn(waiting, active)
             self._n_active = len(active)
+
+    def _drop(self, task: _Task) -> None:
+        """Tell the reader of a job that died before it started how it ends: a cancelled reply
+        ends its stream as one cancelled while decoding does (a reader that cancelled before
+        reading waited forever when nothing was sent), another cancelled job raises
+        :class:`CancelledError`, a job past its deadline :class:`RequestTimeoutError`."""
+        if not task.cancelled.is_set():
+            task.out.put(("error", RequestTimeoutError("the request timed out")))
+        elif isinstance(task.job, GenerateJob):
+            task.out.put(("ok", _DONE))
+        else:
+            task.out.put(("error", CancelledError("the job was cancelled")))
 
     def _fail_all(self, waiting: deque[_Task], active: list[_Active], exc: AllInOneError) -> None:
         for task in waiting:
