@@ -42,6 +42,7 @@ from .tasks.chat import (
     continuation_min_tokens,
     feeling_opening,
     guard_refusals,
+    is_whole_reply,
     looks_harmful,
     may_tell_feeling,
     tells_of_loss,
@@ -704,7 +705,7 @@ class AllInOne:
         profile = self._chat_profile()
         return self._answer(lambda mood: ChatRequest.build(messages, system=req.system, sampling=sampling,
                                                            profile=profile, mood=mood, lang=req.lang),
-                            req.system is not None, timeout)
+                            _own_system((), req.system), timeout)
 
     def _answer(self, build: Callable[[str | None], ChatRequest], own_system: bool, timeout: float | None, *,
                 sentiment: ClassifyResult | None = None) -> ReplyStream:
@@ -760,7 +761,7 @@ class AllInOne:
         def begun(req: ChatRequest, opening: str) -> Iterator[ChatChunk]:
             # submitted now (a full queue fails here, as for any reply); the model continues
             # after words already written, which come first in the reply
-            job = req.job(opening, min_tokens=continuation_min_tokens(opening))
+            job = req.job(opening, min_tokens=continuation_min_tokens(opening), written_only=is_whole_reply(opening))
             return reply_chunks(reply.track(self._chat_engine.submit(job, timeout=timeout)))
 
         if any(map(looks_harmful, request.recent_user())):  # declined by prompt and first words; never asked again
@@ -858,6 +859,6 @@ def _declared_in(spec: TaskSpec) -> Path | None:
 
 
 def _own_system(messages: Any, system: str | None) -> bool:
-    """The caller set a system prompt (``system``, or a system message in ``messages``)."""
-    return system is not None or (not isinstance(messages, str) and any(
+    """The caller set a system prompt (``system`` not blank, or a system message in ``messages``)."""
+    return (isinstance(system, str) and not is_blank(system)) or (not isinstance(messages, str) and any(
         isinstance(m, Mapping) and m.get("role") == "system" for m in messages))

@@ -149,6 +149,7 @@ def test_analyze_gives_sentiment_and_reply():
     ("怎么跟父母说我想换工作？", {"negative": -0.1}, None, None),
     ("I just ran my first 10k without stopping!", {"negative": -0.70, "positive": -0.72}, None, None),  # unsure
     ("The restaurant got my order wrong and won't refund me.", {"negative": -0.1}, "Be a pirate.", None),
+    ("The restaurant got my order wrong and won't refund me.", {"negative": -0.1}, " ", ("negative", "en")),  # says nothing
 ])
 @pytest.mark.parametrize("surface", ["analyze", "chat"])
 def test_a_feeling_told_is_met_in_the_replys_first_words(message, logps, system, opening, surface):
@@ -156,9 +157,12 @@ def test_a_feeling_told_is_met_in_the_replys_first_words(message, logps, system,
     ai = make(backend)
     reply = ai.analyze(message, system=system).reply.text if surface == "analyze" else ai.chat(message, system=system).text
     expected = FEELING_OPENING[opening[0]][opening[1]] if opening else ""
+    if opening and opening[0] == "loss":  # a condolence is the whole reply: the model is not asked
+        assert reply == expected and "generate" not in backend.calls
+        return
     assert reply == expected + " Here is what you can do."
-    # written words are not the whole reply (a condolence may be): the model must add some of its own
-    assert backend.samplings[-1].min_tokens == (OPENING_MIN_TOKENS if opening and opening[0] != "loss" else 0)
+    # written words are not the whole reply: the model must add some of its own
+    assert backend.samplings[-1].min_tokens == (OPENING_MIN_TOKENS if opening else 0)
 
 
 @pytest.mark.parametrize(("messages", "system"), [
@@ -291,7 +295,8 @@ def test_a_loss_gets_the_sad_mood_line_even_when_the_sentiment_reads_positive():
                       "instructions": {"en": "You are warm.", "zh": "你很温暖。"},
                       "mood": {"negative": {"en": "Comfort them.", "zh": "安慰他。"},
                                "positive": {"en": "Congratulate them."}}})
-    for message in ("My grandfather passed away last night.", "我养了十年的狗今天早上去世了。"):
+    # asked about (a loss told alone gets a condolence written for it: the model is not asked)
+    for message in ("My grandfather passed away last night. How do I cope?", "我养了十年的狗今天早上去世了，我该怎么办？"):
         result = ai.analyze(message)
         assert result.sentiment.label == "positive"  # the score is shown as it is
         assert "Congratulate" not in backend.seen()[-1] and ("Comfort them." in backend.seen()[-1]

@@ -204,6 +204,20 @@ def test_jobs_cancelled_before_they_start_end_for_their_readers():
     engine.close()
 
 
+def test_a_reply_of_written_words_only_is_sent_without_computing_its_prompt():
+    backend = FakeBackend("model words")
+    engine = Engine(backend)
+    prompt = Prompt(messages=({"role": "user", "content": "My dog died."},), reply_prefix="So sorry.")
+    stream = engine.submit(GenerateJob(prompt, GREEDY, written_only=True))
+    deltas = list(stream)
+    assert "".join(d.text for d in deltas) == "So sorry." and deltas[-1].finish_reason == "stop"
+    assert deltas[-1].completion_tokens == len("So sorry.")  # the fake's tokens are characters
+    assert stream.info.prompt_tokens > 0 and "generate" not in backend.calls
+    capped = list(engine.submit(GenerateJob(prompt, GREEDY.updated(max_tokens=3), written_only=True)))
+    assert "".join(d.text for d in capped) == "So " and capped[-1].finish_reason == "length"
+    engine.close()
+
+
 def test_timeout_is_reported():
     backend = FakeBackend()
     engine = Engine(backend, timeout=0.2)

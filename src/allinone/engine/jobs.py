@@ -141,11 +141,15 @@ class GenerateJob:
         sampling: decoding parameters; ``max_tokens`` is lowered to what the context leaves.
         json_schema: constrain the reply to this JSON schema (the subset of
             :mod:`allinone.tasks.schema`).
+        written_only: the reply is the prompt's ``reply_prefix`` alone, ended with finish
+            reason ``stop``: no token is sampled and the prompt is not computed (its tokens are
+            still counted in the usage).
     """
 
     prompt: Prompt
     sampling: SamplingParams = field(default_factory=SamplingParams)
     json_schema: dict | None = None
+    written_only: bool = False
 
 
 @dataclass(frozen=True)

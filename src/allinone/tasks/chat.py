@@ -45,7 +45,8 @@ class ChatRequest:
         if system is not None:
             if not isinstance(system, str):
                 raise InvalidInputError("system must be a string", param="system")
-            messages = [{"role": "system", "content": system}, *messages]
+            if not is_blank(system):  # an empty system prompt says nothing: the default one speaks
+                messages = [{"role": "system", "content": system}, *messages]
         msgs = validate_messages(messages)
         users = [m for m in msgs if m["role"] == "user"]
         if not users:
@@ -56,14 +57,16 @@ class ChatRequest:
             msgs = profile.apply(msgs, mood, lang)
         return cls(tuple(msgs), sampling or SamplingParams(), cut)
 
-    def job(self, reply_prefix: str = "", *, min_tokens: int = 0) -> GenerateJob:
+    def job(self, reply_prefix: str = "", *, min_tokens: int = 0, written_only: bool = False) -> GenerateJob:
         """The engine's job for this conversation (``reply_prefix``: the reply's first words,
         already written; the model continues from them with at least ``min_tokens`` tokens of
-        its own, at most ``max_tokens``, unless the request asks for more already)."""
+        its own, at most ``max_tokens``, unless the request asks for more already;
+        ``written_only``: they are the whole reply, the model adds nothing)."""
         sampling, wanted = self.sampling, min(min_tokens, self.sampling.max_tokens)
         if wanted > sampling.min_tokens:
             sampling = sampling.updated(min_tokens=wanted)
-        return GenerateJob(Prompt(messages=self.messages, reply_prefix=reply_prefix, cut=self.cut), sampling)
+        return GenerateJob(Prompt(messages=self.messages, reply_prefix=reply_prefix, cut=self.cut), sampling,
+                           written_only=written_only)
 
     @property
     def last_user(self) -> str:
@@ -170,8 +173,10 @@ RETRY_OPENING = {
 FEELING_OPENING = {
     "negative": {"en": "I'm sorry to hear that. That sounds really hard for you.", "zh": "听到这些，我能理解你的心情。"},
     "positive": {"en": "That's wonderful!", "zh": "太好了！"},
-    # a death told (:func:`tells_of_loss`): "I'm sorry to hear that." was often the whole reply
-    "loss": {"en": "I'm so sorry for your loss.", "zh": "听到这个消息，我很难过，请节哀。"},
+    # a death told (:func:`tells_of_loss`): the whole reply (:func:`is_whole_reply`)
+    "loss": {"en": "I'm so sorry for your loss. Losing someone you love is so hard. Take all the time you need, "
+                   "and I'm here if you want to talk about it.",
+             "zh": "听到这个消息，我很难过，请节哀。失去所爱真的很痛，给自己一些时间。如果你想聊聊，我一直都在。"},
 }
 #: the DRY penalty on a chat reply repeating its own words (the sampling option
 #: ``dry_multiplier``; 0.8 is the method's recommended value): greedy, the
@@ -218,6 +223,15 @@ def feeling_opening(message: str, mood: str | None, score: float, lang: str) -> 
     if score < FEELING_MIN_SCORE and not loss:
         return ""
     return FEELING_OPENING["loss" if loss else mood].get(lang, "")
+
+
+def is_whole_reply(opening: str) -> bool:
+    """The written words ``opening`` are the whole reply: a condolence (:data:`FEELING_OPENING`
+    ``loss``). Whatever the 0.5B model wrote after one made it worse, also with ``min_tokens``
+    0: "I'm so sorry for your loss. I'll try to help you find a new home and make sure your dog
+    is well-behaved." (every chat surface, a fresh user's probe; "我需要帮助你了解你的狗的情况" on
+    the development prompts)."""
+    return opening in FEELING_OPENING["loss"].values()
 
 
 def continuation_min_tokens(opening: str) -> int:
