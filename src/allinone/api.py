@@ -195,6 +195,19 @@ class AllInOne:
         """
         return self.tasks.register(spec)
 
+    def warm_up(self) -> None:
+        """Compute and cache what a new process's first chat turns would otherwise wait for:
+        the prefix of the sentiment task (:data:`ANALYZE_SENTIMENT`: its instructions and
+        examples) in English and Chinese, which ``analyze`` and :meth:`chat` run on a feeling
+        told (about 5 s per language for the embedded model on 2 cores). ``allinone serve``
+        calls it before it reports ready.
+
+        Raises:
+            AllInOneError: as :meth:`run` (e.g. the engine closed).
+        """
+        for text in ("I am fine.", "我很好。"):
+            self.run(ANALYZE_SENTIMENT, text)
+
     def sentiment(self, text: str, *, timeout: float | None = DEFAULT) -> ClassifyResult:
         """``positive`` or ``negative`` with probabilities; English or Chinese text.
 

@@ -305,3 +305,19 @@ def test_a_loss_gets_the_sad_mood_line_even_when_the_sentiment_reads_positive():
     assert "Congratulate them." in backend.seen()[-1]
     assert not tells_of_loss("Why did so many soldiers die of cold in 1812?")  # not the user's own
     assert not tells_of_loss("I finally lost ten kilos!") and tells_of_loss("We lost our dog last week.")
+
+
+def test_warm_up_caches_the_sentiment_prefix_a_first_feeling_needs(tiny_gguf_path, tmp_path):
+    pytest.importorskip("llama_cpp")
+
+    def computed_by_first_call(warm: bool) -> int:
+        with AllInOne.load(str(tiny_gguf_path), n_ctx=2048, cache_dir=tmp_path) as ai:
+            if warm:
+                ai.warm_up()
+            before = ai.stats()
+            ai.sentiment("The soup was cold.")
+            after = ai.stats()
+            return (after.prompt_tokens - before.prompt_tokens) - (after.cached_tokens - before.cached_tokens)
+
+    cold, warm = computed_by_first_call(warm=False), computed_by_first_call(warm=True)
+    assert warm < 100 < cold  # warm: the text and the question after it; cold: the task's examples too

@@ -109,12 +109,19 @@ class ServerState:
             log.exception("loading the model failed")
             self.load_error = exc
             return
-        if self._closed:  # the server shut down while the model was loading
-            ai.close()
-            return
         log.info("model %s loaded on %s in %.1f s", ai.model_id, ai.backend_name, ai.load_seconds)
         if ai.chat_model_id != ai.model_id:
             log.info("chat replies are written by %s", ai.chat_model_id)
+        start = time.monotonic()
+        try:  # the first feeling told to a new server waited ~5 s per language for this
+            ai.warm_up()
+        except Exception:  # a cold cache is slower, not broken: serve anyway
+            log.warning("warming up the sentiment prefix failed", exc_info=True)
+        else:
+            log.info("sentiment prefix cached in %.1f s", time.monotonic() - start)
+        if self._closed:  # the server shut down while the model was loading
+            ai.close()
+            return
         self.ai = ai
 
     def drain(self) -> None:
