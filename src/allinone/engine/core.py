@@ -44,7 +44,7 @@ from ..errors import (
     RequestTimeoutError,
     ShuttingDownError,
 )
-from ..types import SamplingParams, TextDelta
+from ..types import TextDelta
 from .device import DeviceLock
 from .jobs import EncodeJob, EncodeOutput, GenerateJob, Job, PromptInfo, ScoreJob, ScoreOutput, TokenizeJob
 from .prompts import Fitted, fit_prompt, token_offsets
@@ -580,12 +580,10 @@ class Engine:
                 if not conversation:
                     self._cache_fixed([fitted])
                 written = self._backend.tokenize(job.prompt.reply_prefix) if job.prompt.reply_prefix else []
-                if job.written_only:
-                    self._write(task, fitted.info, written, sampling)
-                    continue
-                # a conversation stays cached for its next turn; a task's reply to one text does not
-                state = self._backend.start(fitted.ids, sampling, json_schema=job.json_schema, keep=conversation,
-                                            written=len(written))
+                # a conversation stays cached for its next turn; a task's reply to one text does
+                # not; a reply of written words only computes nothing
+                state = None if job.written_only else self._backend.start(
+                    fitted.ids, sampling, json_schema=job.json_schema, keep=conversation, written=len(written))
             except Exception as exc:
                 self._fail(task, exc)
                 continue
@@ -596,24 +594,15 @@ class Engine:
             for tok in written:
                 for delta in streamer.push(tok):
                     task.out.put(("ok", delta))
+            if state is None:  # written_only: the words are the whole reply
+                if not streamer.done:
+                    task.out.put(("ok", streamer.close("stop")))
+                task.out.put(("ok", _DONE))
+                continue
             a = _Active(task, state, streamer)
             active.append(a)
             if streamer.done:
                 self._retire(a, active)
-
-    def _write(self, task: _Task, info: PromptInfo, written: list[int], sampling: SamplingParams) -> None:
-        """Send a reply that is its written words alone (``GenerateJob.written_only``), as a
-        sampled one would arrive: under ``max_tokens`` and stop strings, then ``stop``."""
-        from ..backends.base import TextStreamer
-
-        task.out.put(("info", info))
-        streamer = TextStreamer(self._backend, sampling)
-        for tok in written:
-            for delta in streamer.push(tok):
-                task.out.put(("ok", delta))
-        if not streamer.done:
-            task.out.put(("ok", streamer.close("stop")))
-        task.out.put(("ok", _DONE))
 
     def _step(self, active: list[_Active]) -> None:
         for a in [a for a in active if a.task.dead]:

@@ -236,11 +236,10 @@ def is_whole_reply(opening: str) -> bool:
 
 def continuation_min_tokens(opening: str) -> int:
     """How many tokens the model must add after the written words ``opening`` (``min_tokens``):
-    :data:`OPENING_MIN_TOKENS`, except after a condolence (:data:`FEELING_OPENING` ``loss``)
-    or a decline (:data:`DECLINE_OPENING`), which may be the whole reply: pushed on, the 0.5B
-    model met deaths with advice on the dead ("我需要帮助你了解你的狗的情况", "I'll try to help you
-    find a new home"; development prompts) and a decline could go on to help."""
-    if not opening or opening in FEELING_OPENING["loss"].values() or opening in DECLINE_OPENING.values():
+    :data:`OPENING_MIN_TOKENS`, except after a decline (:data:`DECLINE_OPENING`), which may be
+    the whole reply (pushed on, it could go on to help). A condolence is always the whole reply
+    (:func:`is_whole_reply`)."""
+    if not opening or opening in DECLINE_OPENING.values():
         return 0
     return OPENING_MIN_TOKENS
 
