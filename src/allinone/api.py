@@ -294,7 +294,11 @@ class AllInOne:
         # the chat reply after the other tasks: a reply not yet read cannot be cancelled, so
         # one started beside them would run to max_tokens should they fail
         results = self._execute(items, text, timeout) if items else {}
-        results.update({name: ChatResult.from_chunks(self._task_reply(text, req, timeout)) for name, req in chats.items()})
+        # the sentiment asked for is the one the reply would compute: the reply reuses it
+        told = results.get(ANALYZE_SENTIMENT) if not dict(named).get(ANALYZE_SENTIMENT) else None
+        told = told if isinstance(told, ClassifyResult) else None
+        results.update({name: ChatResult.from_chunks(self._task_reply(text, req, timeout, sentiment=told))
+                        for name, req in chats.items()})
         return AnalyzeResult(results={name: results[name] for name, _, _ in specs})
 
     def analyze_stream(self, text: str, history: Sequence[dict[str, Any]] | None = None, *,
@@ -708,17 +712,20 @@ class AllInOne:
     def _is_chat(self, task: str, kind: TaskKind) -> bool:
         return task == CHAT_TASK and kind.streams
 
-    def _task_reply(self, text: str, req: Request, timeout: float | None) -> Iterator[ChatChunk]:
+    def _task_reply(self, text: str, req: Request, timeout: float | None, *,
+                    sentiment: ClassifyResult | None = None) -> Iterator[ChatChunk]:
         """The ``chat`` task run on ``text`` (after ``req.history``) as any task is, answered by
         the one chat flow (:meth:`_reply`: the chat model, the refusal guard, harmful requests
-        declined) with the task's sampling defaults and its ``system`` and ``lang``."""
+        declined) with the task's sampling defaults and its ``system`` and ``lang``;
+        ``sentiment``: ``text``'s, when the caller asked for it too (:meth:`analyze`), so the
+        reply is told it as :meth:`analyze_stream`'s is and it is not computed twice."""
         messages = [*req.history, {"role": "user", "content": text}]
         # the chat's repetition default, as for :meth:`chat` (DRY is not a task parameter)
         sampling = req.sampling.updated(dry_multiplier=CHAT_DRY_MULTIPLIER)
         profile = self._chat_profile()
         return self._answer(lambda mood: ChatRequest.build(messages, system=req.system, sampling=sampling,
                                                            profile=profile, mood=mood, lang=req.lang),
-                            _own_system((), req.system), timeout)
+                            _own_system((), req.system), timeout, sentiment=sentiment)
 
     def _answer(self, build: Callable[[str | None], ChatRequest], own_system: bool, timeout: float | None, *,
                 sentiment: ClassifyResult | None = None) -> ReplyStream:

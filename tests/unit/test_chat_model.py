@@ -220,3 +220,18 @@ def test_the_chat_task_run_as_a_task_is_answered_by_the_chat_model():
         rest = both["chat"].text.removeprefix(written)
         assert both["chat"].text.startswith(written) and rest and "chat model's words".startswith(rest)
         assert "generate" not in tasks.calls and "score" not in chat.calls
+
+
+def test_analyze_asked_for_sentiment_and_chat_scores_the_text_once():
+    ai, tasks, _, _ = _pair()
+    with ai:
+        both = ai.analyze("The soup was cold.", tasks=["sentiment", "chat"], max_tokens=96).results
+        # the reply is told the sentiment the caller asked for: one forward pass, not two
+        assert tasks.calls.count("score") == 1
+        assert both["chat"].text.startswith(FEELING_OPENING["negative"]["en"])
+        # the demo without tasks gives the same reply
+        alone = ai.analyze("The soup was cold.", max_tokens=96)
+        assert alone.reply.text == both["chat"].text and alone.sentiment.label == both["sentiment"].label
+        # a sentiment asked for with its own parameters is its own run: the reply scores its own
+        ai.analyze("The soup was cold.", tasks={"sentiment": {"lang": "en"}, "chat": {}}, max_tokens=96)
+        assert tasks.calls.count("score") == 4
