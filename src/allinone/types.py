@@ -17,6 +17,8 @@ FinishReason = Literal["stop", "length"]
 #: a chat message: ``{"role": "system" | "user" | "assistant", "content": str}``
 Message = Mapping[str, Any]
 ROLES = ("system", "user", "assistant")
+#: other names of a role, read as it: "developer" is OpenAI's newer name for the system role
+ROLE_ALIASES = {"developer": "system"}
 
 #: the largest accepted sampling seed (numpy's generators take seeds in [0, 2**64))
 MAX_SEED = 2**64 - 1
@@ -139,7 +141,8 @@ def validate_messages(messages: Sequence[Message]) -> list[dict[str, str]]:
     """Check and normalize chat messages to ``[{"role", "content"}]``.
 
     Content may be a string or an OpenAI-style list of ``{"type": "text", "text": ...}`` parts
-    (joined with newlines). Roles: system, user, assistant. Several system messages, system
+    (joined with newlines). Roles: system (or developer, OpenAI's newer name for it), user,
+    assistant. Several system messages, system
     messages in the middle and consecutive same-role messages are allowed (the template decides).
 
     Raises:
@@ -152,10 +155,11 @@ def validate_messages(messages: Sequence[Message]) -> list[dict[str, str]]:
         if not isinstance(m, Mapping):
             raise InvalidInputError(f"messages[{i}] must be an object", param="messages")
         role = m.get("role")
+        role = ROLE_ALIASES.get(role, role) if isinstance(role, str) else role
         if role not in ROLES:
             raise InvalidInputError(
-                f"messages[{i}].role must be one of {', '.join(ROLES)}, got {role!r}", param="messages"
-            )
+                f"messages[{i}].role must be one of {', '.join([*ROLES, *ROLE_ALIASES])}, got {m.get('role')!r}",
+                param="messages")
         out.append({"role": role, "content": content_text(m.get("content"), f"messages[{i}].content")})
     return out
 

@@ -28,6 +28,13 @@ def test_bad_messages_are_rejected(messages):
         validate_messages(messages)
 
 
+def test_developer_is_read_as_the_system_role_on_every_surface():
+    # OpenAI's newer name: the library takes it as the HTTP route does; a list is no role
+    assert validate_messages([{"role": "developer", "content": "be brief"}])[0]["role"] == "system"
+    with pytest.raises(InvalidInputError, match="developer"):
+        validate_messages([{"role": ["developer"], "content": "x"}])
+
+
 def test_template_errors_become_invalid_input():
     strict = ChatTemplate("{% if messages[0]['role'] != 'user' %}{{ raise_exception('user first') }}{% endif %}x")
     with pytest.raises(InvalidInputError, match="user first"):

@@ -43,7 +43,7 @@ def user(text: str = "hi") -> dict:
 @pytest.mark.parametrize("route", ["/v1/tasks/sentiment", "/v1/tasks/analyze", "/v1/tasks/chat", "/v1/tokenize"])
 @pytest.mark.parametrize("text", ["", "   ", "\n\t  \r\n", "\x00\x00", "\u200b\ufeff"])
 def test_empty_and_whitespace_text_is_400(client, route, text):
-    expect(client.post(route, json={"text": text}), 400, param="text" if route != "/v1/tasks/chat" else None)
+    expect(client.post(route, json={"text": text}), 400, param="text")
     still_healthy(client)
 
 
@@ -171,6 +171,11 @@ def test_what_openai_clients_send_and_openai_accepts_is_accepted(client):
 def test_invalid_conversations_are_400(client, messages):
     expect(client.post(CHAT, json={"messages": messages}), 400, param="messages")
     still_healthy(client)
+
+
+def test_an_unknown_role_is_told_every_role_accepted(client):
+    error = expect(client.post(CHAT, json={"messages": [{"role": "bot", "content": "x"}]}), 400, param="messages")
+    assert all(role in error["error"]["message"] for role in ("system", "developer", "user", "assistant", "'bot'"))
 
 
 # -- sampling values ---------------------------------------------------------------------------

@@ -87,8 +87,7 @@ class ChatMessage(BaseModel):
     name: str | None = None
 
     def to_message(self) -> dict[str, Any]:
-        # "developer" is OpenAI's newer name for the system role.
-        return {"role": "system" if self.role == "developer" else self.role, "content": self.content}
+        return {"role": self.role, "content": self.content}
 
 
 class StreamOptions(_Body):

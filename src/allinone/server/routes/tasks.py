@@ -14,6 +14,7 @@ from fastapi import APIRouter, Body, Request
 
 from ...errors import InvalidInputError
 from ...results import ChatResult, ClassifyResult
+from ...types import is_blank
 from ..deps import admitted, blocking, server_state
 from ..schemas import AnalyzeRequest, ChatTaskRequest, SentimentRequest, TextRequest
 from ..state import ServerState
@@ -140,6 +141,8 @@ async def _history(server: ServerState, session_id: str | None) -> list[dict[str
 async def _reply(server: ServerState, request: Request, history: list[dict[str, str]],
                  body: ChatTaskRequest) -> ChatResult:
     ai = server.require_ai()
+    if is_blank(body.text):  # the caller sent text, not messages: the error names what was sent
+        raise InvalidInputError("text is empty", param="text")
     messages = [*history, {"role": "user", "content": body.text}]
     chunks = await blocking(lambda: ai.chat(messages, stream=True, system=body.system, **body.sampling()))
     return await _collect_reply(server, request, chunks)
