@@ -39,6 +39,13 @@ def test_language_loops_and_acknowledgement():
     assert reply_lang("Hello there, how can I help?") == "en"
     assert has_loop("I love it. " * 12) and not has_loop("One two three four five six seven eight nine ten.")
     assert has_loop("我很喜欢这个地方，" * 6) and not has_loop("今天天气很好，我们去公园散步吧。")
+    # a list naming its subject in every item, or code saying a name again, is no loop;
+    # the same item said again is one, with or without markup
+    items = "".join(f"{i}. **特点{i}**：Coursera提供{w}课程。\n" for i, w in enumerate("免付在互认高", 1))
+    assert not has_loop("推荐 Coursera：\n" + items)
+    code = "```python\nrandom_numbers = generate_random_numbers()\nprint(random_numbers)\n" * 2 + "```"
+    assert not has_loop("以下是程序：\n" + code + "\n它会打印随机数。")
+    assert has_loop("推荐：\n" + "".join(f"{i}. **免费课程**：提供很多免费课程。\n" for i in range(1, 6)))
     assert acknowledges("Congratulations on your promotion!", "good_news")
     assert acknowledges("很遗憾听到你的猫走丢了。", "sadness")
     assert not acknowledges("Here is a list of steps.", "sadness")

@@ -11,8 +11,9 @@ Each metric is a documented rule over the reply text (``docs/evaluation.md``, "C
   prose); a request to translate (:data:`TRANSLATE`) is left out, its answer is in the other
   language by design (and left out of the echo rate too);
 * **stop**: the reply ended by itself (finish reason ``stop``) within ``max_tokens``;
-* **loop**: some run of words (English: 6 words; Chinese: 10 characters) occurs four times or
-  more in the reply;
+* **loop**: some run of words (English: 6 words; Chinese: 10 tokens, each a CJK character or
+  a word of letters and digits, markup and punctuation left out) occurs four times or more in
+  the reply;
 * **empty**: nothing but white space;
 * **echo**: the reply only repeats the message: with punctuation and white space dropped, it
   is 4 characters or more, at most 1.2 times the message's length, and 80% of it lies in
@@ -83,6 +84,7 @@ _SYMPATHY_SENTENCE = re.compile(r"^\s*(?:I(?:'m| am) (?:so |really |very |truly 
 _FIRST_PERSON = re.compile(r"\b(?:I|I'm|I'll|I've|I'd|my|me|myself)\b")
 _YOU = re.compile(r"\byou", re.IGNORECASE)
 _CODE = re.compile(r"```.*?(?:```|\Z)", re.DOTALL)
+_ZH_TOKEN = re.compile(r"[\u4e00-\u9fff]|[^\W_\u4e00-\u9fff]+")
 
 
 def reply_lang(reply: str) -> str:
@@ -93,12 +95,16 @@ def reply_lang(reply: str) -> str:
 
 
 def has_loop(reply: str, *, times: int = 4) -> bool:
-    """Some run of 6 words (10 characters of CJK text) occurs ``times`` times or more."""
+    """Some run of 6 words (Chinese: 10 tokens, a token being a CJK character or a word of
+    letters and digits, so markup and punctuation never make a run) occurs ``times`` times or
+    more. Reading a name as one token keeps a list that names its subject in every item
+    ("**认证**：Coursera提供…") or code that says an identifier again from counting as a loop,
+    as runs of characters did."""
     from ..tasks import detect_lang
 
     if detect_lang(reply) == "zh":
-        chars = re.sub(r"\s+", "", reply)
-        runs = [chars[i:i + 10] for i in range(0, max(0, len(chars) - 9))]
+        tokens = _ZH_TOKEN.findall(reply)
+        runs = ["\x00".join(tokens[i:i + 10]) for i in range(0, max(0, len(tokens) - 9))]
     else:
         words = reply.lower().split()
         runs = [" ".join(words[i:i + 6]) for i in range(0, max(0, len(words) - 5))]
