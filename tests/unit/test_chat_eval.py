@@ -16,9 +16,9 @@ from allinone.eval.chat import (
     is_echo,
     is_refusal,
     misplaces_sympathy,
-    reply_lang,
     speaks_as_user,
 )
+from allinone.tasks import detect_lang
 from fixtures.fakes import FakeBackend
 
 
@@ -35,8 +35,11 @@ def test_refusal_rule(reply, refusal):
 
 
 def test_language_loops_and_acknowledgement():
-    assert reply_lang("你好！这是一个例子。\n```python\nprint('hello world, this is code')\n```") == "zh"
-    assert reply_lang("Hello there, how can I help?") == "en"
+    assert detect_lang("你好！这是一个例子。\n```python\nprint('hello world, this is code')\n```") == "zh"
+    assert detect_lang("Hello there, how can I help?") == "en"
+    # a question about code is in the language of its words; code alone is still read
+    assert detect_lang("以下代码有什么问题？\n```python\ndef say_hello(name):\nprint('Hello, ' + name)\n```") == "zh"
+    assert detect_lang("```python\nprint('hi')\n```") == "en"
     assert has_loop("I love it. " * 12) and not has_loop("One two three four five six seven eight nine ten.")
     assert has_loop("我很喜欢这个地方，" * 6) and not has_loop("今天天气很好，我们去公园散步吧。")
     # a list naming its subject in every item, or code saying a name again, is no loop;

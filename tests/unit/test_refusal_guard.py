@@ -150,6 +150,14 @@ def test_the_chat_task_run_as_a_task_replies_through_the_same_flow_on_every_path
         assert ai.tasks.get("chat").instructions["zh"] in backend.seen()[-2]
 
 
+def test_a_chinese_question_about_code_is_answered_in_chinese():
+    # its code outweighed its words: the English system prompt was chosen and the reply was English
+    backend = SteerableBackend()
+    with AllInOne(Engine(backend), Settings()) as ai:
+        ai.chat("以下代码有什么问题？\n```python\ndef say_hello(name):\nprint('Hello, ' + name)\n```", temperature=0)
+        assert ai.tasks.get("chat").instructions["zh"] in backend.seen()[-1]
+
+
 def test_a_follow_up_to_a_harmful_message_is_declined_too():
     backend = SteerableBackend(label_logps={"negative": -0.1})
     with AllInOne(Engine(backend), Settings()) as ai:

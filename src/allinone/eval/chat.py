@@ -7,7 +7,7 @@ Each metric is a documented rule over the reply text (``docs/evaluation.md``, "C
   :data:`allinone.tasks.chat.REFUSAL_PATTERNS`
   ("I'm sorry, but I can't", "作为一个AI", "我无法协助" ...);
 * **language match**: :func:`allinone.tasks.detect_lang` of the reply equals that of the message
-  (code blocks left out of the reply, so a code answer to a Chinese question is judged by its
+  (fenced code left out of both, so a code answer to a Chinese question is judged by its
   prose); a request to translate (:data:`TRANSLATE`) is left out, its answer is in the other
   language by design (and left out of the echo rate too);
 * **stop**: the reply ended by itself (finish reason ``stop``) within ``max_tokens``;
@@ -47,6 +47,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import InvalidInputError
+from ..tasks import detect_lang
 from ..tasks.chat import FEELING_OPENING, RETRY_OPENING, is_refusal
 from .data import load_jsonl
 
@@ -83,15 +84,7 @@ _SYMPATHY_SENTENCE = re.compile(r"^\s*(?:I(?:'m| am) (?:so |really |very |truly 
                                 r"That's (?:wonderful|great|amazing)|Thank you for sharing)", re.IGNORECASE)
 _FIRST_PERSON = re.compile(r"\b(?:I|I'm|I'll|I've|I'd|my|me|myself)\b")
 _YOU = re.compile(r"\byou", re.IGNORECASE)
-_CODE = re.compile(r"```.*?(?:```|\Z)", re.DOTALL)
 _ZH_TOKEN = re.compile(r"[\u4e00-\u9fff]|[^\W_\u4e00-\u9fff]+")
-
-
-def reply_lang(reply: str) -> str:
-    from ..tasks import detect_lang
-
-    prose = _CODE.sub(" ", reply)
-    return detect_lang(prose if prose.strip() else reply)
 
 
 def has_loop(reply: str, *, times: int = 4) -> bool:
@@ -100,8 +93,6 @@ def has_loop(reply: str, *, times: int = 4) -> bool:
     more. Reading a name as one token keeps a list that names its subject in every item
     ("**认证**：Coursera提供…") or code that says an identifier again from counting as a loop,
     as runs of characters did."""
-    from ..tasks import detect_lang
-
     if detect_lang(reply) == "zh":
         tokens = _ZH_TOKEN.findall(reply)
         runs = ["\x00".join(tokens[i:i + 10]) for i in range(0, max(0, len(tokens) - 9))]
@@ -226,7 +217,7 @@ def evaluate_chat(ai: "AllInOne", data: str | Path, *, limit: int | None = None,
                 if chunk.finish_reason:
                     finish = chunk.finish_reason
             reply = "".join(parts)
-            t = Turn(prompt, reply, finish, row.get("lang") or reply_lang(prompt))
+            t = Turn(prompt, reply, finish, row.get("lang") or detect_lang(prompt))
             mine.append(t)
             turns.append(t)
             history += [{"role": "user", "content": prompt}, {"role": "assistant", "content": reply}]
@@ -237,7 +228,7 @@ def evaluate_chat(ai: "AllInOne", data: str | Path, *, limit: int | None = None,
     if benign:
         report.update(
             refusal_rate=_rate(is_refusal(t.reply) for t in benign),
-            language_match=_rate(reply_lang(t.reply) == _lang(t.prompt, t.lang) for t in benign
+            language_match=_rate(detect_lang(t.reply) == _lang(t.prompt, t.lang) for t in benign
                                  if t.reply.strip() and not TRANSLATE.search(t.prompt)),
             stop_rate=_rate(t.finish_reason == "stop" for t in benign),
             loop_rate=_rate(has_loop(t.reply) for t in benign),
@@ -262,7 +253,7 @@ def evaluate_chat(ai: "AllInOne", data: str | Path, *, limit: int | None = None,
 
 
 def _lang(prompt: str, declared: str) -> str:
-    return declared if declared in ("en", "zh") else reply_lang(prompt)
+    return declared if declared in ("en", "zh") else detect_lang(prompt)
 
 
 _DECLINE = re.compile(r"can(?:'|no)t|unable|won't|not able|illegal|harmful|无法|不能|违法|不合法|危险|不会提供|拒绝", re.IGNORECASE)

@@ -48,10 +48,18 @@ ANSWER_WITH = {"en": "Answer with exactly one of: {labels}.", "zh": "只回答�
 
 _CJK = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uac00-\ud7af]")
 _LETTER = re.compile(r"[^\W\d_]")
+_FENCED_CODE = re.compile(r"```.*?(?:```|\Z)", re.DOTALL)
 
 
 def detect_lang(text: str) -> str:
-    """``zh`` when at least a quarter of the letters are CJK ideographs/kana/hangul, else ``en``."""
+    """``zh`` when at least a quarter of the letters are CJK ideographs/kana/hangul, else ``en``.
+
+    Fenced code (```` ``` ````…```` ``` ````) is left out when words remain: "以下代码有什么问题？"
+    above a Python snippet is a Chinese question (counted with the code's letters it read as
+    English, and the chat answered it in English)."""
+    prose = _FENCED_CODE.sub(" ", text)
+    if _LETTER.search(prose):
+        text = prose
     cjk = len(_CJK.findall(text))
     letters = len(_LETTER.findall(text))
     return "zh" if letters and cjk / letters >= 0.25 else "en"
