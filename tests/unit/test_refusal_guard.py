@@ -8,6 +8,7 @@ import pytest
 from allinone import AllInOne, Settings
 from allinone.engine import Engine
 from allinone.results import ChatChunk
+from allinone.tasks import detect_lang
 from allinone.tasks.chat import (
     DECLINE,
     DECLINE_OPENING,
@@ -17,6 +18,7 @@ from allinone.tasks.chat import (
     asks,
     guard_refusals,
     looks_harmful,
+    may_tell_feeling,
     opening,
 )
 from fixtures.fakes import FakeBackend
@@ -222,6 +224,35 @@ def test_a_message_that_asks_is_not_taken_for_a_feeling_told(message):
 ])
 def test_a_feeling_told_asks_for_nothing(message):
     assert not asks(message)
+
+
+@pytest.mark.parametrize("message,felt", [
+    ("I have three exams tomorrow and I'm panicking. How do I get through tonight?", True),
+    ("My sister moved away and I feel so lonely. Any advice?", True),
+    ("明天要面试了，我特别紧张，怎么办？", True),
+    ("考试又没过，感觉自己好没用，还要继续吗？", True),
+    ("How do I change the oil in my car?", False),  # the head is sure of these too: no word of feeling
+    ("My laptop is really slow, any tips?", False),
+    ("Write a poem about a lonely lighthouse.", False),  # nobody's own feeling
+    ("请判断这句话的情感：“我今天升职了，非常开心。”", False),  # a text given for a task
+    ("I feel so stressed at work. " * 10 + "What should I do?", False),  # long: may quote anything
+])
+def test_a_message_that_asks_may_still_tell_a_feeling(message, felt):
+    assert asks(message)
+    assert may_tell_feeling(message, detect_lang(message)) is felt
+
+
+def test_a_feeling_told_in_a_request_opens_the_reply_before_the_help():
+    backend = FakeBackend("Here is how.", label_logps={"negative": -0.05, "positive": -3.0})
+    with AllInOne(Engine(backend), Settings()) as ai:
+        felt = ai.chat("I'm so stressed about my exam tomorrow. How do I calm down?", temperature=0)
+        assert felt.text == FEELING_OPENING["negative"]["en"] + "Here is how."
+        scored = backend.calls.count("score")
+        plain = ai.chat("How do I change the oil in my car?", temperature=0)
+        assert plain.text == "Here is how." and backend.calls.count("score") == scored  # no sentiment pass
+        # a loss told with a question: the reply answers it after the sympathy, not a condolence alone
+        loss = ai.chat("My dog died yesterday and I'm so sad. How do I tell my kids?", temperature=0)
+        assert loss.text == FEELING_OPENING["negative"]["en"] + "Here is how."
 
 
 def test_the_guard_judges_the_models_own_opening_after_words_written_for_it():

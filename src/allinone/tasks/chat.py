@@ -165,7 +165,8 @@ RETRY_OPENING = {
 #: advice ("外卖送错了，商家还不给退款。" → "收到外卖后，商家应该尽快联系你……") or echoing good news
 #: (development prompts, docs/evaluation.md "Chat"); written first, the model continues after
 #: them. A message that asks is answered as the model chooses (its mood line still asks for a
-#: sentence of sympathy), so a request scored negative is not met with a fixed condolence. The
+#: sentence of sympathy), so a request scored negative is not met with a fixed condolence,
+#: unless it asks in words that tell a feeling (:data:`FEELING_PATTERNS`). The
 #: English negative opening speaks to the user in its second sentence, as the Chinese one does
 #: ("你的心情"): after "I'm sorry to hear that." alone the model went on as the user in 3 of 10
 #: English development replies ("First, I'll try to get some sleep.", "I'll try to find a new
@@ -200,29 +201,66 @@ _ENGLISH_WORDS = re.compile(r"\b(?:i|i'm|i've|my|the|is|was|are|and|to|it|just|g
 FEELING_MIN_SCORE = 0.8
 
 
+#: words that tell a feeling (English and Chinese): a short message that asks for help, speaks of
+#: the user (:data:`SELF_PATTERN`) and holds one ("I'm panicking. How do I get through tonight?",
+#: "我真的很生气，能帮我想想怎么跟他谈吗？") is met like a feeling told, its reply begun with
+#: :data:`FEELING_OPENING` before the help ("Write a poem about a lonely lighthouse" speaks of
+#: no one's feeling, a long prompt may quote any word). The
+#: sentiment head cannot tell these from plain requests: on development prompts it was as sure
+#: of "How do I change the oil in my car?" (negative 0.90) as of any complaint, so a request
+#: without one of these words keeps the model's own opening. A keyword rule: a feeling worded
+#: otherwise ("My landlord still hasn't fixed the heating after a month. What can I do?") is
+#: left to the model.
+FEELING_PATTERNS = (
+    r"\b(?:stress(?:ed|ful)?|anxious|anxiety|worr(?:y|ied|ying)|panic(?:king|ked)?|scared|afraid|terrified|"
+    r"nervous|overwhelm(?:ed|ing)|exhausted|burn(?:ed|t) out|depressed|sad|lonely|heartbroken|hurt|upset|angry|"
+    r"furious|annoy(?:ed|ing)|frustrat(?:ed|ing)|disappointed|ashamed|embarrassed|guilty|useless|worthless|"
+    r"hopeless|helpless|miserable|cry(?:ing)?|cried|fed up|sick of|hate|excited|thrilled|overjoyed|so happy|"
+    r"so proud|can't wait)\b",
+    r"难过|伤心|难受|痛苦|委屈|生气|气死|愤怒|烦死|好烦|焦虑|紧张|害怕|担心|崩溃|压力|心累|失望|绝望|孤独|寂寞|沮丧|"
+    r"郁闷|抑郁|哭|无助|没用|一无是处|后悔|丢脸|尴尬|开心|高兴|激动|兴奋|太好了|终于|骄傲|幸福",
+)
+_FEELING = re.compile("|".join(FEELING_PATTERNS), re.IGNORECASE)
+#: the message asks about a text it gives (to classify, correct, translate...): its words are
+#: not the user's own feeling ("判断其中的情感：“我今天得到了晋升，感觉非常高兴。”")
+_GIVEN_TEXT = re.compile(r"以下|下面的|给定|文本|这段|这句|句子|[“「『\"]|\bthe following\b|"
+                         r"\b(?:this|the) (?:text|sentence|passage|paragraph|review)\b", re.IGNORECASE)
+#: the message speaks of the user: a first-person word
+SELF_PATTERN = re.compile(r"\b(?:I|I'm|I've|I'd|I'll|me|my|myself|we|we're|our|us)\b|我|自己", re.IGNORECASE)
+
+
 def may_tell_feeling(message: str, lang: str) -> bool:
-    """``message`` (in ``lang``, :func:`detect_lang`) asks for nothing (:func:`asks`) and is in
+    """``message`` (in ``lang``, :func:`detect_lang`) tells a feeling: it asks for nothing
+    (:func:`asks`), or it is short and asks in words of the user's own feeling
+    (:data:`FEELING_PATTERNS`, :data:`SELF_PATTERN`); and it is in
     English or Chinese, the languages of :data:`FEELING_OPENING`: whether its reply may begin
     with one, once its sentiment is known. ``chat`` computes the sentiment of such a message
-    only; a request is answered without that extra pass."""
-    if asks(message) or lang not in FEELING_OPENING["negative"]:
+    only; another request is answered without that extra pass."""
+    if asks(message) and not _asks_telling_feeling(message) or lang not in FEELING_OPENING["negative"]:
         return False
     # another language: the model answers in it, from its own first word
     return lang != "en" or not _NOT_ENGLISH.search(message) and bool(_ENGLISH_WORDS.search(message))
 
 
+def _asks_telling_feeling(message: str) -> bool:
+    return (len(message) <= TELL_MAX_CHARS and not _GIVEN_TEXT.search(message)
+            and bool(SELF_PATTERN.search(message) and _FEELING.search(message)))
+
+
 def feeling_opening(message: str, mood: str | None, score: float, lang: str) -> str:
     """The first words of the reply to ``message`` whose sentiment is ``mood`` with ``score``
     (a probability, 0–1) and language ``lang`` (``en`` or ``zh``, :func:`detect_lang`):
-    :data:`FEELING_OPENING` when the message tells of a feeling and asks for nothing
-    (:func:`may_tell_feeling`) and the mood is sure (a loss told, :func:`tells_of_loss`, or a
-    score of at least :data:`FEELING_MIN_SCORE`); else ``""`` (the model chooses its opening)."""
+    :data:`FEELING_OPENING` when the message tells of a feeling (:func:`may_tell_feeling`) and
+    the mood is sure (a loss told, :func:`tells_of_loss`, or a score of at least
+    :data:`FEELING_MIN_SCORE`); else ``""`` (the model chooses its opening). A loss told in a
+    message that also asks is met with the negative opening, not the whole-reply condolence,
+    so the reply goes on to answer."""
     if mood not in ("negative", "positive") or not may_tell_feeling(message, lang):
         return ""
     loss = mood == "negative" and tells_of_loss(message)
     if score < FEELING_MIN_SCORE and not loss:
         return ""
-    return FEELING_OPENING["loss" if loss else mood].get(lang, "")
+    return FEELING_OPENING["loss" if loss and not asks(message) else mood].get(lang, "")
 
 
 def is_whole_reply(opening: str) -> bool:
