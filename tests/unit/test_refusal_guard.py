@@ -234,6 +234,7 @@ def test_a_feeling_told_asks_for_nothing(message):
     ("How do I change the oil in my car?", False),  # the head is sure of these too: no word of feeling
     ("My laptop is really slow, any tips?", False),
     ("Write a poem about a lonely lighthouse.", False),  # nobody's own feeling
+    ("Can you recommend a sad movie for me?", False),
     ("请判断这句话的情感：“我今天升职了，非常开心。”", False),  # a text given for a task
     ("I feel so stressed at work. " * 10 + "What should I do?", False),  # long: may quote anything
 ])

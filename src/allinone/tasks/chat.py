@@ -212,10 +212,12 @@ FEELING_MIN_SCORE = 0.8
 #: otherwise ("My landlord still hasn't fixed the heating after a month. What can I do?") is
 #: left to the model.
 FEELING_PATTERNS = (
-    r"\b(?:stress(?:ed|ful)?|anxious|anxiety|worr(?:y|ied|ying)|panic(?:king|ked)?|scared|afraid|terrified|"
-    r"nervous|overwhelm(?:ed|ing)|exhausted|burn(?:ed|t) out|depressed|sad|lonely|heartbroken|hurt|upset|angry|"
+    # not "sad", "hate", "afraid": "recommend me a sad film", "my kids hate vegetables", "I'm afraid
+    # I don't follow" tell no feeling of the user's
+    r"\b(?:stress(?:ed|ful)?|anxious|anxiety|worr(?:y|ied|ying)|panic(?:king|ked)?|scared|terrified|"
+    r"nervous|overwhelm(?:ed|ing)|exhausted|burn(?:ed|t) out|depressed|lonely|heartbroken|hurt|upset|angry|"
     r"furious|annoy(?:ed|ing)|frustrat(?:ed|ing)|disappointed|ashamed|embarrassed|guilty|useless|worthless|"
-    r"hopeless|helpless|miserable|cry(?:ing)?|cried|fed up|sick of|hate|excited|thrilled|overjoyed|so happy|"
+    r"hopeless|helpless|miserable|cry(?:ing)?|cried|fed up|sick of|excited|thrilled|overjoyed|so happy|"
     r"so proud|can't wait)\b",
     r"难过|伤心|难受|痛苦|委屈|生气|气死|愤怒|烦死|好烦|焦虑|紧张|害怕|担心|崩溃|压力|心累|失望|绝望|孤独|寂寞|沮丧|"
     r"郁闷|抑郁|哭|无助|没用|一无是处|后悔|丢脸|尴尬|开心|高兴|激动|兴奋|太好了|终于|骄傲|幸福",
