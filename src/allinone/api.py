@@ -48,7 +48,7 @@ from .tasks.chat import (
     tells_of_loss,
 )
 from .tasks.prompting import pick
-from .types import SamplingParams, check_text, is_blank
+from .types import ROLE_ALIASES, SamplingParams, check_text, is_blank
 
 if TYPE_CHECKING:
     from .batch import BatchSummary
@@ -879,6 +879,12 @@ def _declared_in(spec: TaskSpec) -> Path | None:
 
 
 def _own_system(messages: Any, system: str | None) -> bool:
-    """The caller set a system prompt (``system`` not blank, or a system message in ``messages``)."""
+    """The caller set a system prompt: ``system``, or a system (or ``developer``) message in
+    ``messages``, that is not blank (a blank one is none, as for ``system``)."""
+    def said(m: Any) -> bool:
+        content = m.get("content")
+        return ROLE_ALIASES.get(m.get("role"), m.get("role")) == "system" and not (
+            isinstance(content, str) and is_blank(content) or content is None)
+
     return (isinstance(system, str) and not is_blank(system)) or (not isinstance(messages, str) and any(
-        isinstance(m, Mapping) and m.get("role") == "system" for m in messages))
+        isinstance(m, Mapping) and isinstance(m.get("role"), str) and said(m) for m in messages))

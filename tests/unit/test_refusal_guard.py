@@ -235,12 +235,25 @@ def test_a_feeling_told_asks_for_nothing(message):
     ("My laptop is really slow, any tips?", False),
     ("Write a poem about a lonely lighthouse.", False),  # nobody's own feeling
     ("Can you recommend a sad movie for me?", False),
+    ("Can you recommend a movie that will make me cry?", False),
+    ("Our users are frustrated with slow pages. How do I make my website faster?", False),
+    ("How do I stop my dog from crying at night?", False),
+    ("我想写一篇关于孤独的作文，怎么开头？", False),
+    ("My grandmother passed away. How do I write a eulogy?", True),  # a loss told
     ("请判断这句话的情感：“我今天升职了，非常开心。”", False),  # a text given for a task
+    ("Translate to French: I'm so excited for my trip to Paris!", False),
+    ("Classify the sentiment of: 'I'm so excited about my new job!'", False),
+    ("Summarize in one line: I was so frustrated today, my boss yelled at me again.", False),
     ("I feel so stressed at work. " * 10 + "What should I do?", False),  # long: may quote anything
 ])
 def test_a_message_that_asks_may_still_tell_a_feeling(message, felt):
     assert asks(message)
     assert may_tell_feeling(message, detect_lang(message)) is felt
+
+
+def test_a_text_given_for_a_task_tells_no_feeling_even_unasked():
+    assert may_tell_feeling("我终于考上大学了，太开心了！", "zh")
+    assert not may_tell_feeling("这条评论是正面还是负面：我终于考上大学了，太开心了！", "zh")
 
 
 def test_a_feeling_told_in_a_request_opens_the_reply_before_the_help():
@@ -254,6 +267,14 @@ def test_a_feeling_told_in_a_request_opens_the_reply_before_the_help():
         # a loss told with a question: the reply answers it after the sympathy, not a condolence alone
         loss = ai.chat("My dog died yesterday and I'm so sad. How do I tell my kids?", temperature=0)
         assert loss.text == FEELING_OPENING["negative"]["en"] + "Here is how."
+        # the caller's own system prompt, also as "developer", decides the opening; a blank one is none
+        asked = "I'm so anxious about my interview tomorrow. Any tips?"
+        for role in ("system", "developer"):
+            own = ai.chat([{"role": role, "content": "You are terse."}, {"role": "user", "content": asked}], temperature=0)
+            assert own.text == "Here is how."
+        blank = ai.chat([{"role": "system", "content": " "}, {"role": "user", "content": asked}], temperature=0)
+        assert blank.text == FEELING_OPENING["negative"]["en"] + "Here is how."
+        assert ai.tasks.get("chat").instructions["en"] in backend.show(backend.prompts[-1])
 
 
 def test_the_guard_judges_the_models_own_opening_after_words_written_for_it():

@@ -47,7 +47,8 @@ class ChatRequest:
                 raise InvalidInputError("system must be a string", param="system")
             if not is_blank(system):  # an empty system prompt says nothing: the default one speaks
                 messages = [{"role": "system", "content": system}, *messages]
-        msgs = validate_messages(messages)
+        # a blank system message says nothing either, as a blank ``system``
+        msgs = [m for m in validate_messages(messages) if m["role"] != "system" or not is_blank(m["content"])]
         users = [m for m in msgs if m["role"] == "user"]
         if not users:
             raise InvalidInputError("messages must contain at least one user message", param="messages")
@@ -201,11 +202,11 @@ _ENGLISH_WORDS = re.compile(r"\b(?:i|i'm|i've|my|the|is|was|are|and|to|it|just|g
 FEELING_MIN_SCORE = 0.8
 
 
-#: words that tell a feeling (English and Chinese): a short message that asks for help, speaks of
-#: the user (:data:`SELF_PATTERN`) and holds one ("I'm panicking. How do I get through tonight?",
-#: "我真的很生气，能帮我想想怎么跟他谈吗？") is met like a feeling told, its reply begun with
-#: :data:`FEELING_OPENING` before the help ("Write a poem about a lonely lighthouse" speaks of
-#: no one's feeling, a long prompt may quote any word). The
+#: words that tell a feeling (English and Chinese): a short message that asks for help and says
+#: one of them of the user (:data:`_OWN_FEELING`: "I'm panicking. How do I get through tonight?",
+#: "我真的很生气，能帮我想想怎么跟他谈吗？"), or tells of a loss, is met like a feeling told, its
+#: reply begun with :data:`FEELING_OPENING` before the help; not a message that gives a text for
+#: a task ("Translate to French: I'm so excited!") or a long one, which may quote anything. The
 #: sentiment head cannot tell these from plain requests: on development prompts it was as sure
 #: of "How do I change the oil in my car?" (negative 0.90) as of any complaint, so a request
 #: without one of these words keeps the model's own opening. A keyword rule: a feeling worded
@@ -222,31 +223,41 @@ FEELING_PATTERNS = (
     r"难过|伤心|难受|痛苦|委屈|生气|气死|愤怒|烦死|好烦|焦虑|紧张|害怕|担心|崩溃|压力|心累|失望|绝望|孤独|寂寞|沮丧|"
     r"郁闷|抑郁|哭|无助|没用|一无是处|后悔|丢脸|尴尬|开心|高兴|激动|兴奋|太好了|终于|骄傲|幸福",
 )
-_FEELING = re.compile("|".join(FEELING_PATTERNS), re.IGNORECASE)
-#: the message asks about a text it gives (to classify, correct, translate...): its words are
-#: not the user's own feeling ("判断其中的情感：“我今天得到了晋升，感觉非常高兴。”")
-_GIVEN_TEXT = re.compile(r"以下|下面的|给定|文本|这段|这句|句子|[“「『\"]|\bthe following\b|"
-                         r"\b(?:this|the) (?:text|sentence|passage|paragraph|review)\b", re.IGNORECASE)
-#: the message speaks of the user: a first-person word
-SELF_PATTERN = re.compile(r"\b(?:I|I'm|I've|I'd|I'll|me|my|myself|we|we're|our|us)\b|我|自己", re.IGNORECASE)
+#: the message gives a text for a task (to translate, classify, summarize, correct ...), set off
+#: by a colon or quotes: its words are not the user's own feeling ("Translate to French: I'm so
+#: excited for my trip!", "判断其中的情感：“我今天得到了晋升，感觉非常高兴。”")
+_GIVEN_TEXT = re.compile(r"以下|下面的|给定|文本|这段|这句|句子|这条|评论|翻译|译成|总结|概括|改写|润色|分类|情感|"
+                         r"[“「『\"：:]|'[^']*'(?!\w)|\b(?:translat|summar|classif|paraphras|rewrit|proofread)\w*|"
+                         r"\bsentiment\b|\bthe following\b|\b(?:this|the) (?:text|sentence|passage|paragraph|review)\b",
+                         re.IGNORECASE)
+#: a feeling word said of the user: after "I", "I'm", "we" ... and at most three words
+#: ("I keep worrying", "I feel so lonely"), or after 我/自己/感觉 and at most four characters, or
+#: after a degree word (很/太/特别 ...: "每天都很难受"); "a movie that will make me cry", "our users
+#: are frustrated", "关于孤独的作文", "让人开心的电影" are not the user's feeling
+_OWN_FEELING = re.compile(
+    r"\b(?:I|I'm|I've|I am|we|we're|we are)\s+(?:[\w']+\s+){0,3}?" + FEELING_PATTERNS[0][2:]
+    + r"|(?:我|自己|感觉|心里|心情)[^，。！？,.!?\s]{0,4}?(?:" + FEELING_PATTERNS[1] + r")"
+    + r"|(?:很|好|太|特别|非常|超级|真的)(?:" + FEELING_PATTERNS[1] + r")",
+    re.IGNORECASE)
 
 
 def may_tell_feeling(message: str, lang: str) -> bool:
     """``message`` (in ``lang``, :func:`detect_lang`) tells a feeling: it asks for nothing
     (:func:`asks`), or it is short and asks in words of the user's own feeling
-    (:data:`FEELING_PATTERNS`, :data:`SELF_PATTERN`); and it is in
+    (:data:`FEELING_PATTERNS`) or after a loss told (:func:`tells_of_loss`); it gives no text
+    for a task (a colon, quotes, "translate", "情感" ...); and it is in
     English or Chinese, the languages of :data:`FEELING_OPENING`: whether its reply may begin
     with one, once its sentiment is known. ``chat`` computes the sentiment of such a message
     only; another request is answered without that extra pass."""
-    if asks(message) and not _asks_telling_feeling(message) or lang not in FEELING_OPENING["negative"]:
+    if (asks(message) and not _asks_telling_feeling(message) or lang not in FEELING_OPENING["negative"]
+            or _GIVEN_TEXT.search(message)):
         return False
     # another language: the model answers in it, from its own first word
     return lang != "en" or not _NOT_ENGLISH.search(message) and bool(_ENGLISH_WORDS.search(message))
 
 
 def _asks_telling_feeling(message: str) -> bool:
-    return (len(message) <= TELL_MAX_CHARS and not _GIVEN_TEXT.search(message)
-            and bool(SELF_PATTERN.search(message) and _FEELING.search(message)))
+    return len(message) <= TELL_MAX_CHARS and (bool(_OWN_FEELING.search(message)) or tells_of_loss(message))
 
 
 def feeling_opening(message: str, mood: str | None, score: float, lang: str) -> str:
