@@ -48,7 +48,7 @@ from .tasks.chat import (
     tells_of_loss,
 )
 from .tasks.prompting import pick
-from .types import ROLE_ALIASES, SamplingParams, check_text, is_blank
+from .types import SamplingParams, check_text, is_blank
 
 if TYPE_CHECKING:
     from .batch import BatchSummary
@@ -317,7 +317,7 @@ class AllInOne:
         self._chat_request(messages, system, sampling)  # bad messages or options fail before any model call
         sentiment = self.run(ANALYZE_SENTIMENT, text, timeout=timeout)
         return sentiment, self._answer(lambda mood: self._chat_request(messages, system, sampling, mood=mood),
-                                       _own_system(messages, system), timeout, sentiment=sentiment)
+                                       timeout, sentiment=sentiment)
 
     def fit(self, task: str, data: str | Path | Sequence[str | Path], *, method: str = "auto",
             limit: int | Sequence[int] | None = None,
@@ -484,7 +484,7 @@ class AllInOne:
                 by the stream, before its first chunk).
         """
         chunks = self._answer(lambda mood: self._chat_request(messages, system, sampling, mood=mood, cut=cut),
-                              _own_system(messages, system), timeout)
+                              timeout)
         return chunks if stream else ChatResult.from_chunks(chunks)
 
     # -- the one flow -------------------------------------------------------------------
@@ -725,15 +725,14 @@ class AllInOne:
         profile = self._chat_profile()
         return self._answer(lambda mood: ChatRequest.build(messages, system=req.system, sampling=sampling,
                                                            profile=profile, mood=mood, lang=req.lang),
-                            _own_system((), req.system), timeout, sentiment=sentiment)
+                            timeout, sentiment=sentiment)
 
-    def _answer(self, build: Callable[[str | None], ChatRequest], own_system: bool, timeout: float | None, *,
+    def _answer(self, build: Callable[[str | None], ChatRequest], timeout: float | None, *,
                 sentiment: ClassifyResult | None = None) -> ReplyStream:
         """The reply to a conversation, the one flow of :meth:`chat`, :meth:`analyze_stream`
         and the ``chat`` task. ``build(mood)`` makes the request (``mood``: the last user
         message's sentiment label, which adds the chat task's mood line; ``None``: none) and
-        raises its validation errors before any model call; ``own_system``: the caller set a
-        system prompt.
+        raises its validation errors before any model call.
 
         The reply knows how the message sounds: with its ``sentiment`` (``analyze`` has it;
         :meth:`chat` computes it only for a message that may tell a feeling,
@@ -746,6 +745,7 @@ class AllInOne:
         prompt decides how its assistant speaks: it never gets written words (from ``analyze``,
         which has the sentiment anyway, it gets the mood line)."""
         plain = build(None)
+        own_system = plain.own_system
         text = plain.last_user
         lang = detect_lang(text)
         answers_user = plain.messages[-1]["role"] == "user"
@@ -877,14 +877,3 @@ def _declared_in(spec: TaskSpec) -> Path | None:
     registered from Python: the cache)."""
     return Path(spec.source) if spec.source and not spec.source.startswith("<") else None
 
-
-def _own_system(messages: Any, system: str | None) -> bool:
-    """The caller set a system prompt: ``system``, or a system (or ``developer``) message in
-    ``messages``, that is not blank (a blank one is none, as for ``system``)."""
-    def said(m: Any) -> bool:
-        content = m.get("content")
-        return ROLE_ALIASES.get(m.get("role"), m.get("role")) == "system" and not (
-            isinstance(content, str) and is_blank(content) or content is None)
-
-    return (isinstance(system, str) and not is_blank(system)) or (not isinstance(messages, str) and any(
-        isinstance(m, Mapping) and isinstance(m.get("role"), str) and said(m) for m in messages))

@@ -29,6 +29,9 @@ class ChatRequest:
     sampling: SamplingParams
     #: a conversation too long for the context is cut (``True``) or refused (see ``Prompt.cut``)
     cut: bool = True
+    #: the caller set a system prompt (``system``, or a system or ``developer`` message, not
+    #: blank), rather than the profile's: its assistant is not given written first words
+    own_system: bool = False
 
     @classmethod
     def build(cls, messages: str | Sequence[dict[str, Any]], *, system: str | None = None,
@@ -54,9 +57,10 @@ class ChatRequest:
             raise InvalidInputError("messages must contain at least one user message", param="messages")
         if msgs[-1]["role"] == "user" and is_blank(msgs[-1]["content"]):
             raise InvalidInputError("the last user message is empty", param="messages")
+        own_system = any(m["role"] == "system" for m in msgs)
         if profile is not None:
             msgs = profile.apply(msgs, mood, lang)
-        return cls(tuple(msgs), sampling or SamplingParams(), cut)
+        return cls(tuple(msgs), sampling or SamplingParams(), cut, own_system)
 
     def job(self, reply_prefix: str = "", *, min_tokens: int = 0, written_only: bool = False) -> GenerateJob:
         """The engine's job for this conversation (``reply_prefix``: the reply's first words,
@@ -212,17 +216,17 @@ FEELING_MIN_SCORE = 0.8
 #: without one of these words keeps the model's own opening. A keyword rule: a feeling worded
 #: otherwise ("My landlord still hasn't fixed the heating after a month. What can I do?") is
 #: left to the model.
-FEELING_PATTERNS = (
+_FEELING_EN = (
     # not "sad", "hate", "afraid": "recommend me a sad film", "my kids hate vegetables", "I'm afraid
     # I don't follow" tell no feeling of the user's
-    r"\b(?:stress(?:ed|ful)?|anxious|anxiety|worr(?:y|ied|ying)|panic(?:king|ked)?|scared|terrified|"
+    r"stress(?:ed|ful)?|anxious|anxiety|worr(?:y|ied|ying)|panic(?:king|ked)?|scared|terrified|"
     r"nervous|overwhelm(?:ed|ing)|exhausted|burn(?:ed|t) out|depressed|lonely|heartbroken|hurt|upset|angry|"
     r"furious|annoy(?:ed|ing)|frustrat(?:ed|ing)|disappointed|ashamed|embarrassed|guilty|useless|worthless|"
     r"hopeless|helpless|miserable|cry(?:ing)?|cried|fed up|sick of|excited|thrilled|overjoyed|so happy|"
-    r"so proud|can't wait)\b",
-    r"难过|伤心|难受|痛苦|委屈|生气|气死|愤怒|烦死|好烦|焦虑|紧张|害怕|担心|崩溃|压力|心累|失望|绝望|孤独|寂寞|沮丧|"
-    r"郁闷|抑郁|哭|无助|没用|一无是处|后悔|丢脸|尴尬|开心|高兴|激动|兴奋|太好了|终于|骄傲|幸福",
-)
+    r"so proud|can't wait")
+_FEELING_ZH = (r"难过|伤心|难受|痛苦|委屈|生气|气死|愤怒|烦死|好烦|焦虑|紧张|害怕|担心|崩溃|压力|心累|失望|绝望|孤独|寂寞|沮丧|"
+               r"郁闷|抑郁|哭|无助|没用|一无是处|后悔|丢脸|尴尬|开心|高兴|激动|兴奋|太好了|终于|骄傲|幸福")
+FEELING_PATTERNS = (rf"\b(?:{_FEELING_EN})\b", _FEELING_ZH)
 #: the message gives a text for a task (to translate, classify, summarize, correct ...), set off
 #: by a colon or quotes: its words are not the user's own feeling ("Translate to French: I'm so
 #: excited for my trip!", "判断其中的情感：“我今天得到了晋升，感觉非常高兴。”")
@@ -235,9 +239,9 @@ _GIVEN_TEXT = re.compile(r"以下|下面的|给定|文本|这段|这句|句子|�
 #: after a degree word (很/太/特别 ...: "每天都很难受"); "a movie that will make me cry", "our users
 #: are frustrated", "关于孤独的作文", "让人开心的电影" are not the user's feeling
 _OWN_FEELING = re.compile(
-    r"\b(?:I|I'm|I've|I am|we|we're|we are)\s+(?:[\w']+\s+){0,3}?" + FEELING_PATTERNS[0][2:]
-    + r"|(?:我|自己|感觉|心里|心情)[^，。！？,.!?\s]{0,4}?(?:" + FEELING_PATTERNS[1] + r")"
-    + r"|(?:很|好|太|特别|非常|超级|真的)(?:" + FEELING_PATTERNS[1] + r")",
+    rf"\b(?:I|I'm|I've|I am|we|we're|we are)\s+(?:[\w']+\s+){{0,3}}?(?:{_FEELING_EN})\b"
+    rf"|(?:我|自己|感觉|心里|心情)[^，。！？,.!?\s]{{0,4}}?(?:{_FEELING_ZH})"
+    rf"|(?:很|好|太|特别|非常|超级|真的)(?:{_FEELING_ZH})",
     re.IGNORECASE)
 
 
