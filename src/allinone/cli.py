@@ -181,7 +181,7 @@ def chat(
     system: Annotated[Optional[str], typer.Option(help="system prompt")] = None,
     temperature: Annotated[float, typer.Option(help="0 = greedy")] = 0.7,
     top_p: float = 0.8,
-    max_tokens: int = 512,
+    max_tokens: Annotated[Optional[int], typer.Option(help="reply length cap in tokens; default: the default_max_tokens setting")] = None,
     seed: Optional[int] = None,
     as_json: JsonOpt = False, options: Optional[dict] = None,
 ) -> None:

@@ -53,7 +53,7 @@ class Settings(BaseSettings):
     max_input_tokens: int = Field(1024, ge=16, description="classification input budget in tokens; longer text is cut")
     max_input_chars: int = Field(100_000, ge=1, description="longest accepted text, in characters")
     max_tokens_limit: int = Field(2048, ge=1, description="largest max_tokens a request may ask for")
-    default_max_tokens: int = Field(512, ge=1, description="max_tokens when a request gives none")
+    default_max_tokens: int = Field(1024, ge=1, description="max_tokens when a request gives none")
     request_timeout: float | None = Field(300.0, gt=0, description="seconds per request, queue wait included")
     max_queue: int = Field(64, ge=1, description="requests waiting at once; more get 'overloaded'")
 

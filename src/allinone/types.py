@@ -56,7 +56,7 @@ class SamplingParams:
     temperature: float = 0.7
     top_p: float = 0.8
     top_k: int = 20
-    max_tokens: int = 512
+    max_tokens: int = 1024
     seed: int | None = None
     stop: tuple[str, ...] = ()
     repetition_penalty: float = 1.05

@@ -56,6 +56,13 @@ def test_chat_once_json(model_args):
     assert obj["finish_reason"] in {"stop", "length"} and obj["usage"]["completion_tokens"] <= 5
 
 
+def test_chat_without_max_tokens_uses_the_setting(model_args):
+    # the command's own default must not shadow default_max_tokens (a tiny random model rarely ends by itself)
+    out = runner.invoke(app, ["chat", "hello", "--json", "--temperature", "0", "--default-max-tokens", "3", *model_args])
+    assert out.exit_code == 0, out.output
+    assert json.loads(out.stdout.strip().splitlines()[-1])["usage"]["completion_tokens"] <= 3
+
+
 def test_chat_repl_keeps_history(model_args):
     out = runner.invoke(app, ["chat", "--temperature", "0", "--max-tokens", "3", *model_args], input="hi\nmore\n/exit\n")
     assert out.exit_code == 0, out.output

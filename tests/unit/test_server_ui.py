@@ -215,7 +215,8 @@ def test_picking_a_task_shows_the_parameters_it_takes(ner_ai):
     assert ner["max_tokens"]["value"] == 320 and ner["lang"]["choices"] == ["auto", "en", "zh"]
     assert ner["example"]["visible"]
     chat = controls("chat")
-    assert chat["max_tokens"]["value"] == 512 and chat["temperature"]["value"] == 0.7
+    declared = ner_ai.tasks.get("chat").defaults
+    assert chat["max_tokens"]["value"] == declared.max_tokens and chat["temperature"]["value"] == declared.temperature
     assert all(not u["visible"] for u in handlers.select(None)[1:8])
     assert "unknown task" in controls("nope")["info"]
 

@@ -112,7 +112,7 @@ class ChatHandlers:
         return [], None, ""
 
 
-def build_ui(get_ai: Callable[[], "AllInOne"], *, default_max_tokens: int = 512,
+def build_ui(get_ai: Callable[[], "AllInOne"], *, default_max_tokens: int = 1024,
              max_tokens_limit: int = 2048) -> gr.Blocks:
     """The Gradio app: the "Chat" tab, then the "Tasks" tab.
 
@@ -157,7 +157,7 @@ def build_ui(get_ai: Callable[[], "AllInOne"], *, default_max_tokens: int = 512,
     return demo
 
 
-def mount_ui(app: "FastAPI", get_ai: Callable[[], "AllInOne"], *, default_max_tokens: int = 512,
+def mount_ui(app: "FastAPI", get_ai: Callable[[], "AllInOne"], *, default_max_tokens: int = 1024,
              max_tokens_limit: int = 2048) -> None:
     """Mount the UI at ``/ui`` of ``app``. Access control is the server's (its key check
     guards every path under ``/ui``).
