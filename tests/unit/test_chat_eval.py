@@ -89,6 +89,11 @@ def test_evaluate_chat_scores_a_scripted_model(tmp_path):
     assert report["replies"] == 3 and report["refusal_rate"] == 1.0 and report["acknowledge_rate"] == 0.0
     assert report["stop_rate"] == 1.0 and report["language_match"] == pytest.approx(1 / 3, abs=1e-3)
     assert [r["id"] for r in report["replies_text"]] == ["a", "b", "b"]
+    # each reply says which checks it was judged on and how it fared, so a failing reply can be found
+    first, joke = report["replies_text"][0]["checks"], report["replies_text"][1]["checks"]
+    assert first == {"refusal": True, "stop": True, "loop": False, "empty": False, "language_match": True,
+                     "echo": False, "acknowledges": False}
+    assert joke["language_match"] is False and joke["misplaced_sympathy"] is False and "acknowledges" not in joke
     assert report["misplaced_sympathy_rate"] == 0.0  # over b's two replies: a refusal is not sympathy
     sorry = AllInOne(Engine(FakeBackend("I'm so sorry to hear that.", label_logps={"negative": -0.1})), Settings())
     assert evaluate_chat(sorry, data, progress=False)["misplaced_sympathy_rate"] == 1.0
