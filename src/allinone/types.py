@@ -19,6 +19,8 @@ Message = Mapping[str, Any]
 ROLES = ("system", "user", "assistant")
 #: other names of a role, read as it: "developer" is OpenAI's newer name for the system role
 ROLE_ALIASES = {"developer": "system"}
+#: OpenAI roles that carry tool calls and their results, which this server does not make
+UNSUPPORTED_ROLES = ("tool", "function")
 
 #: the largest accepted sampling seed (numpy's generators take seeds in [0, 2**64))
 MAX_SEED = 2**64 - 1
@@ -153,13 +155,15 @@ def validate_messages(messages: Sequence[Message]) -> list[dict[str, str]]:
     out: list[dict[str, str]] = []
     for i, m in enumerate(messages):
         if not isinstance(m, Mapping):
-            raise InvalidInputError(f"messages[{i}] must be an object", param="messages")
+            raise InvalidInputError(f"messages[{i}] must be an object", param=f"messages[{i}]")
         role = m.get("role")
         role = ROLE_ALIASES.get(role, role) if isinstance(role, str) else role
         if role not in ROLES:
+            # tool results need the tool calls this server never makes
+            why = " (tool calling is not supported)" if role in UNSUPPORTED_ROLES else ""
             raise InvalidInputError(
-                f"messages[{i}].role must be one of {', '.join([*ROLES, *ROLE_ALIASES])}, got {m.get('role')!r}",
-                param="messages")
+                f"messages[{i}].role must be one of {', '.join([*ROLES, *ROLE_ALIASES])}, got {m.get('role')!r}{why}",
+                param=f"messages[{i}].role")
         out.append({"role": role, "content": content_text(m.get("content"), f"messages[{i}].content")})
     return out
 
@@ -197,13 +201,13 @@ def content_text(content: Any, where: str = "content") -> str:
     if content is None:
         return ""
     if isinstance(content, str):
-        return check_text(content, "messages", where)
+        return check_text(content, where)
     if isinstance(content, list):
         parts = []
         for part in content:
             if isinstance(part, Mapping) and part.get("type") == "text" and isinstance(part.get("text"), str):
-                parts.append(check_text(part["text"], "messages", where))
+                parts.append(check_text(part["text"], where))
             else:
-                raise InvalidInputError(f"{where}: only text content parts are supported", param="messages")
+                raise InvalidInputError(f"{where}: only text content parts are supported", param=where)
         return "\n".join(parts)
-    raise InvalidInputError(f"{where} must be a string or a list of text parts", param="messages")
+    raise InvalidInputError(f"{where} must be a string or a list of text parts", param=where)

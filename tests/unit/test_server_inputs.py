@@ -158,24 +158,29 @@ def test_what_openai_clients_send_and_openai_accepts_is_accepted(client):
     still_healthy(client)
 
 
-@pytest.mark.parametrize("messages", [
-    pytest.param([], id="no-messages"),
-    pytest.param([{"role": "system", "content": "only system"}], id="no-user-message"),
-    pytest.param([user("   ")], id="blank-last-user-message"),
-    pytest.param([{"role": "tool", "content": "x"}], id="tool-role"),
-    pytest.param([{"content": "no role"}], id="missing-role"),
-    pytest.param([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}], id="image-part"),
-    pytest.param([{"role": "user", "content": 42}], id="number-content"),
-    pytest.param("just a string", id="string-instead-of-list"),
+@pytest.mark.parametrize(("messages", "param"), [
+    pytest.param([], "messages", id="no-messages"),
+    pytest.param([{"role": "system", "content": "only system"}], "messages", id="no-user-message"),
+    pytest.param([user("   ")], "messages", id="blank-last-user-message"),
+    pytest.param([user("a"), {"role": "tool", "content": "x"}], "messages[1].role", id="tool-role"),
+    pytest.param([{"content": "no role"}], "messages[0].role", id="missing-role"),
+    pytest.param([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}],
+                 "messages[0].content", id="image-part"),
+    pytest.param([user("a"), {"role": "user", "content": 42}], "messages[1].content", id="number-content"),
+    pytest.param([user("a"), "hi"], "messages[1]", id="string-message"),
+    pytest.param("just a string", "messages", id="string-instead-of-list"),
 ])
-def test_invalid_conversations_are_400(client, messages):
-    expect(client.post(CHAT, json={"messages": messages}), 400, param="messages")
+def test_invalid_conversations_are_400_naming_the_element(client, messages, param):
+    # as OpenAI: the error's param is the path of the element at fault, in one style
+    expect(client.post(CHAT, json={"messages": messages}), 400, param=param)
     still_healthy(client)
 
 
 def test_an_unknown_role_is_told_every_role_accepted(client):
-    error = expect(client.post(CHAT, json={"messages": [{"role": "bot", "content": "x"}]}), 400, param="messages")
+    error = expect(client.post(CHAT, json={"messages": [{"role": "bot", "content": "x"}]}), 400, param="messages[0].role")
     assert all(role in error["error"]["message"] for role in ("system", "developer", "user", "assistant", "'bot'"))
+    tool = expect(client.post(CHAT, json={"messages": [{"role": "tool", "content": "x"}]}), 400)["error"]
+    assert "tool calling is not supported" in tool["message"]
 
 
 # -- sampling values ---------------------------------------------------------------------------

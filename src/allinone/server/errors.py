@@ -55,7 +55,7 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     if not errors:  # pragma: no cover - FastAPI always lists at least one
         return "invalid request", None
     first = errors[0]
-    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    loc = [p for p in first.get("loc", ()) if p != "body"]
     kind = first.get("type", "")
     if kind == "json_invalid":
         detail = (first.get("ctx") or {}).get("error", "")
@@ -64,9 +64,10 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
         if isinstance(first.get("input"), (bytes, bytearray)):
             return "the request body must be a JSON object (send Content-Type: application/json)", None
         return "the request body must be a JSON object", None
-    where = ".".join(loc)
+    # one path style for every error, as the typed errors write it: messages[0].content
+    where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".")
     more = f" (and {len(errors) - 1} more problem(s))" if len(errors) > 1 else ""
-    return f"{where}: {first.get('msg', 'invalid value')}{more}", (loc[0] if loc else None)
+    return f"{where}: {first.get('msg', 'invalid value')}{more}", (where or None)
 
 
 def install_error_handlers(app: FastAPI) -> None:

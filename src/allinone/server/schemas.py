@@ -8,9 +8,9 @@ Unknown fields are rejected (400) rather than silently ignored.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, WithJsonSchema
 
 from ..errors import InvalidInputError
 from ..sessions import SESSION_ID_PATTERN
@@ -83,7 +83,10 @@ class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     role: str
-    content: str | list[dict[str, Any]] | None = None
+    # checked by the API (types.content_text), whose error names the message and says what is
+    # accepted; pydantic's would name a union member ("messages.1.content.str")
+    content: Annotated[Any, WithJsonSchema({"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "object"}},
+                                                      {"type": "null"}]})] = None
     name: str | None = None
 
     def to_message(self) -> dict[str, Any]:
