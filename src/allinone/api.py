@@ -799,7 +799,7 @@ class AllInOne:
     def _chat_request(self, messages: Any, system: str | None, sampling: Mapping[str, Any],
                       mood: str | None = None, cut: bool = True) -> ChatRequest:
         options = {k: v for k, v in sampling.items() if v is not None}
-        options.setdefault("max_tokens", self.settings.default_max_tokens)
+        options.setdefault("max_tokens", self.settings.reply_max_tokens)
         options.setdefault("dry_multiplier", CHAT_DRY_MULTIPLIER)
         max_tokens = options["max_tokens"]
         # a non-integer max_tokens is rejected with its own message by SamplingParams

@@ -93,8 +93,9 @@ def _handle_errors(fn):
             raise typer.Exit(2 if exc.status_code < 500 else 1) from None
         except ValidationError as exc:
             first = exc.errors()[0]
-            where = ".".join(str(p) for p in first["loc"])
-            err.print(f"[red]error:[/red] invalid option {where}: {first['msg']}", highlight=False, soft_wrap=True)
+            where = ".".join(str(p) for p in first["loc"])  # empty for a rule over several options
+            err.print(f"[red]error:[/red] invalid option{' ' + where if where else 's'}: {first['msg']}",
+                      highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
 
     return wrapper

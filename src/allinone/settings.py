@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 BackendName = Literal["auto", "llamacpp", "transformers"]
@@ -53,7 +53,8 @@ class Settings(BaseSettings):
     max_input_tokens: int = Field(1024, ge=16, description="classification input budget in tokens; longer text is cut")
     max_input_chars: int = Field(100_000, ge=1, description="longest accepted text, in characters")
     max_tokens_limit: int = Field(2048, ge=1, description="largest max_tokens a request may ask for")
-    default_max_tokens: int = Field(1024, ge=1, description="max_tokens when a request gives none")
+    default_max_tokens: int = Field(1024, ge=1, description="max_tokens when a request gives none "
+                                    "(left unset: at most max_tokens_limit)")
     request_timeout: float | None = Field(300.0, gt=0, description="seconds per request, queue wait included")
     max_queue: int = Field(64, ge=1, description="requests waiting at once; more get 'overloaded'")
 
@@ -71,6 +72,22 @@ class Settings(BaseSettings):
         8_000_000, ge=1024, description="largest accepted HTTP request body in bytes; larger gets 413"
     )
     ui: bool = Field(True, description="mount the web chat UI at /ui")
+
+    @model_validator(mode="after")
+    def _default_within_limit(self) -> "Settings":
+        """A default set above the limit would fail every request that gives no ``max_tokens``;
+        the built-in default, not set by the user, follows a lower limit instead
+        (:attr:`reply_max_tokens`)."""
+        if "default_max_tokens" in self.model_fields_set and self.default_max_tokens > self.max_tokens_limit:
+            raise ValueError(f"default_max_tokens ({self.default_max_tokens}) must be at most "
+                             f"max_tokens_limit ({self.max_tokens_limit})")
+        return self
+
+    @property
+    def reply_max_tokens(self) -> int:
+        """``max_tokens`` of a reply whose request gives none: ``default_max_tokens``, at most
+        ``max_tokens_limit``."""
+        return min(self.default_max_tokens, self.max_tokens_limit)
 
     @field_validator("api_keys", "cors_origins", mode="before")
     @classmethod

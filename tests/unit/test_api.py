@@ -103,6 +103,18 @@ def test_chat_replies_get_the_dry_penalty_unless_the_caller_turns_it_off():
     assert backend.samplings[-1].dry_multiplier == 0
 
 
+def test_a_lower_limit_caps_the_default_reply_length_but_refuses_a_default_set_above_it():
+    # the built-in default (1024) is not the caller's value: a limit below it must not fail requests
+    backend = FakeBackend("ok")
+    ai = make(backend, max_tokens_limit=100)
+    ai.chat("hi")
+    ai.run("chat", "hi")
+    ai.analyze("I got the job")
+    assert [s.max_tokens for s in backend.samplings] == [100] * 3
+    with pytest.raises(ValueError, match="max_tokens_limit"):
+        Settings(max_tokens_limit=100, default_max_tokens=200)
+
+
 def test_chat_max_tokens_gives_length():
     result = make(FakeBackend("a long reply that goes on")).chat("hi", max_tokens=4)
     assert result.finish_reason == "length" and result.text == "a lo"

@@ -103,6 +103,25 @@ def test_evaluate_chat_scores_a_scripted_model(tmp_path):
     ai.close()
 
 
+@pytest.mark.parametrize(("row", "problem"), [
+    ({"turns": "hello there"}, "turns must be a list"),
+    ({"turns": []}, "turns must be a list"),
+    ({"turns": ["a", "b", "c"]}, "turns must be a list"),
+    ({"turns": ["a", "  "]}, "turns must be a list"),
+    ({"turns": ["I am furious!"], "feeling": "anger"}, "feeling must be one of"),
+    ({"turns": ["x"], "harmful": "yes"}, "harmful must be"),
+])
+def test_a_bad_prompt_row_is_refused_before_any_reply_naming_its_line(tmp_path, row, problem):
+    data = tmp_path / "p.jsonl"
+    data.write_text(json.dumps({"id": "ok", "turns": ["Say hi."]}) + "\n" + json.dumps(row) + "\n", encoding="utf-8")
+    backend = FakeBackend("hi")
+    ai = AllInOne(Engine(backend), Settings())
+    with pytest.raises(InvalidInputError, match=f"p.jsonl:2: {problem}"):
+        evaluate_chat(ai, data, progress=False)
+    assert backend.calls == []  # no model time spent on a file that cannot be scored
+    ai.close()
+
+
 def test_evaluate_chat_scores_the_surface_asked_for(tmp_path):
     data = tmp_path / "prompts.jsonl"
     data.write_text(json.dumps({"id": "a", "lang": "en", "turns": ["Tell me a joke."]}) + "\n", encoding="utf-8")

@@ -196,7 +196,7 @@ def evaluate_chat(ai: "AllInOne", data: str | Path, *, limit: int | None = None,
     if via not in VIAS:
         raise InvalidInputError(f"via must be one of {', '.join(VIAS)}", param="via")
     path = builtin_set(str(data)) if str(data) in ("emotional", "harmful", "dev") else Path(data)
-    rows = load_jsonl(path, limit=limit, require=("turns",))
+    rows = load_jsonl(path, limit=limit, require=("turns",), check=_row_problem)
     opts = {"temperature": 0.0, **(params or {})}
     turns: list[Turn] = []
     per_row: list[tuple[dict, list[Turn]]] = []
@@ -267,6 +267,20 @@ def reply_checks(row: dict[str, Any], turn: int, t: Turn) -> dict[str, bool]:
         if t.lang == "en":
             checks["as_user"] = speaks_as_user(t.reply)
     return checks
+
+
+def _row_problem(row: dict[str, Any]) -> str | None:
+    """What is wrong with a prompt row, if anything: ``turns`` must be one or two non-blank
+    strings, ``feeling`` one of :data:`ACKNOWLEDGE_PATTERNS`, ``harmful`` a boolean."""
+    turns = row["turns"]
+    if not isinstance(turns, list) or not 1 <= len(turns) <= 2 or not all(
+            isinstance(t, str) and t.strip() for t in turns):
+        return "turns must be a list of one or two non-empty strings (the user's turns)"
+    if "feeling" in row and row["feeling"] not in ACKNOWLEDGE_PATTERNS:
+        return f"feeling must be one of {', '.join(ACKNOWLEDGE_PATTERNS)}, got {row['feeling']!r}"
+    if not isinstance(row.get("harmful", False), bool):
+        return "harmful must be true or false"
+    return None
 
 
 def _lang(prompt: str, declared: str) -> str:

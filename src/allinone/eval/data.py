@@ -3,18 +3,23 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from ..errors import InvalidInputError
 
 
-def load_jsonl(path: str | Path, *, limit: int | None = None, require: tuple[str, ...] = ()) -> list[dict[str, Any]]:
+def load_jsonl(path: str | Path, *, limit: int | None = None, require: tuple[str, ...] = (),
+               check: Callable[[dict[str, Any]], str | None] | None = None) -> list[dict[str, Any]]:
     """The first ``limit`` rows of a JSONL file (all when ``None``); blank lines are skipped.
 
+    Args:
+        check: says what is wrong with a row (``None``: nothing), for rules beyond ``require``.
+
     Raises:
-        InvalidInputError: missing file, a line that is not a JSON object, or a row missing a
-            ``require``-d field (the message gives the line number).
+        InvalidInputError: missing file, a line that is not a JSON object, a row missing a
+            ``require``-d field or failing ``check`` (the message gives the line number).
     """
     path = Path(path)
     if not path.is_file():
@@ -35,5 +40,8 @@ def load_jsonl(path: str | Path, *, limit: int | None = None, require: tuple[str
             missing = [k for k in require if k not in row]
             if missing:
                 raise InvalidInputError(f"{path}:{lineno}: missing field(s) {', '.join(missing)}")
+            problem = check(row) if check else None
+            if problem:
+                raise InvalidInputError(f"{path}:{lineno}: {problem}")
             rows.append(row)
     return rows
