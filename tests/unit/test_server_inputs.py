@@ -176,6 +176,12 @@ def test_invalid_conversations_are_400_naming_the_element(client, messages, para
     still_healthy(client)
 
 
+def test_bad_input_has_one_error_code_whichever_layer_catches_it(client):
+    by_schema = expect(client.post(CHAT, json={"messages": [user()], "temperature": "hot"}), 400)["error"]
+    by_api = expect(client.post(CHAT, json={"messages": [{"role": "bot", "content": "x"}]}), 400)["error"]
+    assert by_schema["code"] == by_api["code"] == "invalid_input"
+
+
 def test_an_unknown_role_is_told_every_role_accepted(client):
     error = expect(client.post(CHAT, json={"messages": [{"role": "bot", "content": "x"}]}), 400, param="messages[0].role")
     assert all(role in error["error"]["message"] for role in ("system", "developer", "user", "assistant", "'bot'"))

@@ -18,7 +18,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..errors import AllInOneError, AuthenticationError, ModelLoadingError, OverloadedError
+from ..errors import AllInOneError, AuthenticationError, InvalidInputError, ModelLoadingError, OverloadedError
 
 log = logging.getLogger(__name__)
 
@@ -82,8 +82,9 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         message, param = _validation_message(exc)
-        return JSONResponse(error_body(message, type="invalid_request_error", code="invalid_request", param=param),
-                            status_code=400)
+        # one code for bad input, whichever layer caught it (the schema here, the API's checks there)
+        return JSONResponse(error_body(message, type=InvalidInputError.error_type, code=InvalidInputError.code,
+                                       param=param), status_code=400)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
