@@ -48,7 +48,7 @@ from .tasks.chat import (
     tells_of_loss,
 )
 from .tasks.prompting import pick
-from .types import SamplingParams, check_text, is_blank
+from .types import SamplingParams, check_text, is_blank, reply_max_tokens
 
 if TYPE_CHECKING:
     from .batch import BatchSummary
@@ -799,12 +799,9 @@ class AllInOne:
     def _chat_request(self, messages: Any, system: str | None, sampling: Mapping[str, Any],
                       mood: str | None = None, cut: bool = True) -> ChatRequest:
         options = {k: v for k, v in sampling.items() if v is not None}
-        options.setdefault("max_tokens", self.settings.reply_max_tokens)
+        options["max_tokens"] = reply_max_tokens(options.get("max_tokens"), self.settings.default_max_tokens,
+                                                 self.settings.max_tokens_limit)
         options.setdefault("dry_multiplier", CHAT_DRY_MULTIPLIER)
-        max_tokens = options["max_tokens"]
-        # a non-integer max_tokens is rejected with its own message by SamplingParams
-        if isinstance(max_tokens, int) and not isinstance(max_tokens, bool) and max_tokens > self.settings.max_tokens_limit:
-            raise InvalidInputError(f"max_tokens must be at most {self.settings.max_tokens_limit}", param="max_tokens")
         request = ChatRequest.build(messages, system=system, sampling=SamplingParams.from_options(options),
                                     profile=self._chat_profile(), mood=mood, cut=cut)
         for m in request.messages:

@@ -77,17 +77,11 @@ class Settings(BaseSettings):
     def _default_within_limit(self) -> "Settings":
         """A default set above the limit would fail every request that gives no ``max_tokens``;
         the built-in default, not set by the user, follows a lower limit instead
-        (:attr:`reply_max_tokens`)."""
+        (:func:`allinone.types.reply_max_tokens`)."""
         if "default_max_tokens" in self.model_fields_set and self.default_max_tokens > self.max_tokens_limit:
             raise ValueError(f"default_max_tokens ({self.default_max_tokens}) must be at most "
                              f"max_tokens_limit ({self.max_tokens_limit})")
         return self
-
-    @property
-    def reply_max_tokens(self) -> int:
-        """``max_tokens`` of a reply whose request gives none: ``default_max_tokens``, at most
-        ``max_tokens_limit``."""
-        return min(self.default_max_tokens, self.max_tokens_limit)
 
     @field_validator("api_keys", "cors_origins", mode="before")
     @classmethod

@@ -125,6 +125,21 @@ class SamplingParams:
         return (base or cls()).updated(**options)
 
 
+def reply_max_tokens(given: Any, default: int, limit: int) -> Any:
+    """``max_tokens`` of a request: ``given``, or ``default`` (a task's or the server's) when
+    ``None``. A default over ``limit`` is lowered to it, as it is not the caller's choice.
+
+    Raises:
+        InvalidInputError: ``given`` is an integer over ``limit`` (other bad values are left to
+            :class:`SamplingParams`, whose message says what is accepted).
+    """
+    if given is None:
+        return min(default, limit)
+    if isinstance(given, int) and not isinstance(given, bool) and given > limit:
+        raise InvalidInputError(f"max_tokens must be at most {limit}", param="max_tokens")
+    return given
+
+
 #: the names of the sampling options (the fields of :class:`SamplingParams`)
 SAMPLING_KEYS: tuple[str, ...] = tuple(f.name for f in fields(SamplingParams))
 

@@ -113,6 +113,6 @@ def create_app(settings: Settings | None = None, ai: "AllInOne | None" = None) -
         from ..ui import mount_ui  # gradio is imported only when the UI is wanted
 
         # no Gradio log-in of its own: AuthMiddleware guards /ui like every other path
-        mount_ui(app, server.require_ai, default_max_tokens=settings.reply_max_tokens,
+        mount_ui(app, server.require_ai, default_max_tokens=settings.default_max_tokens,
                  max_tokens_limit=settings.max_tokens_limit)
     return app

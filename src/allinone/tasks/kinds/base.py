@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from ...errors import InvalidInputError
-from ...types import Message, SamplingParams, check_text
+from ...types import Message, SamplingParams, check_text, reply_max_tokens
 from ..prompting import detect_lang
 
 if TYPE_CHECKING:
@@ -111,11 +111,7 @@ def sampling_from(spec: "TaskSpec", params: Mapping[str, Any], limits: Limits, *
         InvalidInputError: a bad value, or ``max_tokens`` over the limit.
     """
     d = spec.defaults
-    # the task's own default follows a lower limit; only a caller's value is refused over it
-    given = params.get("max_tokens")
-    max_tokens = min(d.max_tokens, limits.max_tokens_limit) if given is None else given
-    if isinstance(max_tokens, int) and not isinstance(max_tokens, bool) and max_tokens > limits.max_tokens_limit:
-        raise InvalidInputError(f"max_tokens must be at most {limits.max_tokens_limit}", param="max_tokens")
+    max_tokens = reply_max_tokens(params.get("max_tokens"), d.max_tokens, limits.max_tokens_limit)
     values = {"temperature": d.temperature, "top_p": d.top_p, "max_tokens": max_tokens}
     values.update({k: params[k] for k in keys if k in params and k != "max_tokens"})
     values.update(fixed or {})
