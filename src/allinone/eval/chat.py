@@ -153,7 +153,7 @@ def speaks_as_user(reply: str) -> bool:
 
 def builtin_set(name: str) -> Path:
     """``emotional`` (60 messages carrying a feeling, EN/ZH), ``harmful`` (12 requests to
-    decline) or ``dev`` (118 prompts for choosing prompts, 58 carrying a feeling; never reported): sets written for
+    decline) or ``dev`` (138 prompts for choosing prompts, 58 carrying a feeling; never reported): sets written for
     this project."""
     return Path(str(resources.files(__package__) / "chat" / f"{name}.jsonl"))
 
