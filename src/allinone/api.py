@@ -264,7 +264,8 @@ class AllInOne:
         (e.g. ``chat``) get ``history`` and ``**sampling``.
 
         Raises:
-            UnknownTaskError / InvalidInputError: checked for every task before any model call.
+            UnknownTaskError / InvalidInputError: checked for every task before any model call;
+                a bad parameter of one task is named ``tasks.<task>.<parameter>``.
         """
         if tasks is None:
             sentiment, chunks = self.analyze_stream(text, history, timeout=timeout, **sampling)
@@ -277,20 +278,30 @@ class AllInOne:
             raise InvalidInputError("tasks is empty", param="tasks")
         if len({name for name, _ in named}) != len(named):
             raise InvalidInputError("tasks has duplicates", param="tasks")
+        for name, params in named:
+            if params is not None and not isinstance(params, Mapping):
+                raise InvalidInputError(f"tasks.{name}: parameters must be an object of name: value, "
+                                        f"got {type(params).__name__}", param=f"tasks.{name}")
         specs = [(name, self.tasks.get(name), dict(params or {})) for name, params in named]
         scored = sum(not kind_of(spec).streams for _, spec, _ in specs)
         layout = "shared" if scored >= 2 else "single"
         items, chats = [], {}
         for name, spec, params in specs:
             kind = kind_of(spec)
-            if kind.streams:
-                item = self._prepare(name, text, {**sampling, **params}, history=history or ())
-                if self._is_chat(name, kind):
-                    chats[name] = item[3]
-                    continue
-                items.append(item)
-            else:
-                items.append(self._prepare(name, text, params, layout=layout))
+            try:
+                if kind.streams:
+                    item = self._prepare(name, text, {**sampling, **params}, history=history or ())
+                    if self._is_chat(name, kind):
+                        chats[name] = item[3]
+                        continue
+                    items.append(item)
+                else:
+                    items.append(self._prepare(name, text, params, layout=layout))
+            except InvalidInputError as e:
+                if e.param not in params:  # the text, or a parameter given to every task
+                    raise
+                # which of several tasks a bad parameter belongs to: the caller's own path to it
+                raise type(e)(f"tasks.{name}: {e.message}", param=f"tasks.{name}.{e.param}") from e
         # the chat reply after the other tasks: a reply not yet read cannot be cancelled, so
         # one started beside them would run to max_tokens should they fail
         results = self._execute(items, text, timeout) if items else {}

@@ -74,6 +74,8 @@ def test_analyze_runs_several_tasks_on_one_text_as_the_python_api_does(client):
     assert_error(client.post("/v1/tasks/analyze", json={"text": "hi", "tasks": ["sentiment"], "session_id": "s1"}),
                  400, param="session_id")
     assert_error(client.post("/v1/tasks/analyze", json={"text": "hi", "tasks": []}), 400, param="tasks")
+    assert_error(client.post("/v1/tasks/analyze", json={"text": "hi", "tasks": {"sentiment": {}, "intent": {"labels": 5}}}),
+                 400, param="tasks.intent.labels")
     assert client.post("/v1/tasks/analyze", json={"text": "hi", "tasks": ["nosuch"]}).status_code == 404
 
 

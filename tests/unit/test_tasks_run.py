@@ -253,6 +253,24 @@ def test_analyze_with_chat_and_params():
     assert result.results["chat"].text == "Hello!"
 
 
+@pytest.mark.parametrize(("tasks", "param"), [
+    ({"intent": {"labels": 5}}, "tasks.intent.labels"),
+    ({"sentiment": {}, "intent": {"bogus": 1}}, "tasks.intent.bogus"),
+    ({"keywords": {}, "chat": {"max_tokens": -1}}, "tasks.chat.max_tokens"),
+    ({"intent": 5}, "tasks.intent"),
+])
+def test_analyze_names_the_task_a_bad_parameter_belongs_to(tasks, param):
+    backend = FakeBackend("Hello!", label_logps={"Greeting": -0.1})
+    with pytest.raises(InvalidInputError) as err:
+        make(backend).analyze("hi there", tasks=tasks)
+    task = ".".join(param.split(".")[:2])  # "tasks.intent"
+    assert err.value.param == param and str(err.value).startswith(task + ":")
+    assert backend.seen() == []  # checked before any model call
+    with pytest.raises(InvalidInputError) as err:  # a parameter given to every task keeps its own name
+        make(backend).analyze("hi there", tasks=["chat"], max_tokens=-1)
+    assert err.value.param == "max_tokens"
+
+
 # -- CLI ---------------------------------------------------------------------------------------
 runner = CliRunner()
 
