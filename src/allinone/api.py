@@ -813,13 +813,9 @@ class AllInOne:
         options["max_tokens"] = reply_max_tokens(options.get("max_tokens"), self.settings.default_max_tokens,
                                                  self.settings.max_tokens_limit)
         options.setdefault("dry_multiplier", CHAT_DRY_MULTIPLIER)
-        request = ChatRequest.build(messages, system=system, sampling=SamplingParams.from_options(options),
-                                    profile=self._chat_profile(), mood=mood, cut=cut)
-        for m in request.messages:
-            if len(m["content"]) > self.settings.max_input_chars:
-                raise InvalidInputError(f"a message is longer than {self.settings.max_input_chars} characters",
-                                        param="messages")
-        return request
+        return ChatRequest.build(messages, system=system, sampling=SamplingParams.from_options(options),
+                                 profile=self._chat_profile(), mood=mood, cut=cut,
+                                 max_chars=self.settings.max_input_chars)
 
     def _check_text(self, text: object) -> None:
         if not isinstance(text, str):

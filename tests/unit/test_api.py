@@ -68,6 +68,22 @@ def test_text_over_the_character_limit_is_rejected():
         ai.sentiment("x" * 101)
 
 
+def test_chat_names_the_message_over_the_character_limit_by_the_callers_index():
+    backend = FakeBackend("ok")
+    ai = make(backend, max_input_chars=100)
+    long = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "x" * 101},
+            {"role": "user", "content": "and?"}]
+    for system in (None, "Be brief."):  # a system prompt put first does not shift the index
+        with pytest.raises(InvalidInputError, match=r"messages\[1\] is 101 characters; the limit is 100") as err:
+            ai.chat(long, system=system)
+        assert err.value.param == "messages[1].content"
+    with pytest.raises(InvalidInputError) as err:
+        ai.chat("hi", system="s" * 101)
+    assert err.value.param == "system"
+    assert backend.seen() == []
+    assert ai.chat([{"role": "user", "content": "x" * 100}]).text == "ok"  # the limit itself is allowed
+
+
 def test_chat_stream_and_result_agree():
     ai = make(FakeBackend("你好 😀 friend"))
     chunks = list(ai.chat("hi", stream=True))

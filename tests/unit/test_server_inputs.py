@@ -55,7 +55,10 @@ def test_a_200000_character_text_is_400(client, route):
 
 
 def test_a_200000_character_chat_message_is_400(client):
-    expect(client.post(CHAT, json={"messages": [user("x" * 200_000)]}), 400, param="messages")
+    expect(client.post(CHAT, json={"messages": [user("x" * 200_000)]}), 400, param="messages[0].content")
+    history = [{"role": "system", "content": "Be brief."}, user("hi"), user("长" * 200_000)]
+    error = expect(client.post(CHAT, json={"messages": history}), 400, param="messages[2].content")["error"]
+    assert "messages[2] is 200000 characters" in error["message"]
     still_healthy(client)
 
 

@@ -36,22 +36,33 @@ class ChatRequest:
     @classmethod
     def build(cls, messages: str | Sequence[dict[str, Any]], *, system: str | None = None,
               sampling: SamplingParams | None = None, profile: "ChatProfile | None" = None,
-              mood: str | None = None, lang: str | None = None, cut: bool = True) -> "ChatRequest":
-        """Validate the input at the edge.
+              mood: str | None = None, lang: str | None = None, cut: bool = True,
+              max_chars: int | None = None) -> "ChatRequest":
+        """Validate the input at the edge (``max_chars``: the most characters one message or
+        ``system`` may hold; ``None``: no limit).
 
         Raises:
-            InvalidInputError: empty messages, unknown roles, non-text content, or a conversation
-                with nothing for the model to answer (no user message / empty last user message).
+            InvalidInputError: empty messages, unknown roles, non-text content, a message longer
+                than ``max_chars`` (``param`` ``messages[i].content``, ``i`` the caller's index),
+                or a conversation with nothing for the model to answer (no user message / empty
+                last user message).
         """
         if isinstance(messages, str):
             messages = [{"role": "user", "content": messages}]
         if system is not None:
             if not isinstance(system, str):
                 raise InvalidInputError("system must be a string", param="system")
-            if not is_blank(system):  # an empty system prompt says nothing: the default one speaks
-                messages = [{"role": "system", "content": system}, *messages]
+            if max_chars is not None and len(system) > max_chars:
+                raise InvalidInputError(f"system is {len(system)} characters; the limit is {max_chars}", param="system")
+        checked = validate_messages(messages)
+        for i, m in enumerate(checked if max_chars is not None else ()):
+            if len(m["content"]) > max_chars:
+                raise InvalidInputError(f"messages[{i}] is {len(m['content'])} characters; the limit is {max_chars}",
+                                        param=f"messages[{i}].content")
+        if system is not None and not is_blank(system):  # an empty system prompt says nothing: the default one speaks
+            checked = [{"role": "system", "content": system}, *checked]
         # a blank system message says nothing either, as a blank ``system``
-        msgs = [m for m in validate_messages(messages) if m["role"] != "system" or not is_blank(m["content"])]
+        msgs = [m for m in checked if m["role"] != "system" or not is_blank(m["content"])]
         users = [m for m in msgs if m["role"] == "user"]
         if not users:
             raise InvalidInputError("messages must contain at least one user message", param="messages")
