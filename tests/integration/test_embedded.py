@@ -44,6 +44,15 @@ def test_chat_reply_is_clean_and_stops(ai):
     assert not any(tok in result.text for tok in CONTROL)
 
 
+def test_a_request_to_translate_is_answered_in_the_language_asked_for(ai):
+    # the warm prompt says to reply in the user's language: before "or in the language they ask
+    # for", the 0.5B model gave the English sentence back unchanged
+    text = ai.chat("Translate to French: I would like a table for two near the window, please.",
+                   temperature=0, max_tokens=64).text.lower()
+    assert "would like" not in text
+    assert any(word in text for word in ("pour", "deux", "une table", "s'il vous")), text
+
+
 def test_streamed_chinese_reply_matches_the_non_streamed_one(ai):
     question = [{"role": "user", "content": "用一句话介绍长城。"}]
     chunks = list(ai.chat(question, stream=True, temperature=0, max_tokens=48))
