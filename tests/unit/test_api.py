@@ -246,7 +246,8 @@ def test_a_conversations_next_turn_computes_only_its_new_message(tiny_backend):
     ai = AllInOne(Engine(tiny_backend), Settings())
     tiny_backend.kv.clear()
     history = [{"role": "user", "content": "hello there"}]
-    for turn in range(4):
+    checked, whole = 0, True
+    for turn in range(6):
         request = ai._chat_request(history, None, {})
         starts: list[int] = []
         ids = tiny_backend.render_chat(request.messages, content_starts=starts)
@@ -254,12 +255,17 @@ def test_a_conversations_next_turn_computes_only_its_new_message(tiny_backend):
         reply = ai.chat(history, temperature=0, max_tokens=3)
         after = ai.stats()
         computed = (after.prompt_tokens - before.prompt_tokens) - (after.cached_tokens - before.cached_tokens)
-        if turn:
+        if turn and whole:
             # the turn before, its reply and the template's closing of it were cached when that
             # reply ended: only the new message and the reply's opening are computed now
             assert computed == len(ids) - starts[-1], f"turn {turn + 1}"
+            checked += 1
         assert reply.finish_reason == "length" and reply.text
+        # the random model may write half a character ("\ufffd" in the text): given back, that
+        # reply is other token ids than the ones cached, and the turn after it is not checked
+        whole = "\ufffd" not in reply.text
         history += [{"role": "assistant", "content": reply.text}, {"role": "user", "content": f"and then {turn}?"}]
+    assert checked >= 2
 
 
 def test_multi_token_labels_are_scored_token_by_token(tiny_backend):
